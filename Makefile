@@ -1,0 +1,43 @@
+# Set-up and checks. Every target creates/refreshes the virtual environment it needs.
+# On this project's machines torch/torchvision are pinned (requirements-pinned.txt); elsewhere `pip install .`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: setup demo predict-sample test check lint typecheck pytest bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-pinned.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -r requirements-pinned.txt
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -e ".[dev,export]"
+	touch $@
+
+# The main job (see README).
+demo: setup
+	$(PY) -m atssdet predict ../shared/reference/megengine/cat.jpg \
+		--model atss_res18_coco_3x_800size \
+		--weights ../shared/reference/megengine/atss_res18_coco_3x_800size.seed0.pkl.gz \
+		--out runs/predict-sample
+
+# The whole test suite: lint, type-check, tests.
+test: setup check
+
+check: lint typecheck pytest
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check atssdet tests benchmarks hubconf.py
+
+typecheck:
+	$(PY) -m mypy
+
+pytest:
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache runs

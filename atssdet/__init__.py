@@ -1,0 +1,20 @@
+"""atssdet: the ATSS object detector family in PyTorch, with MegEngine model-zoo parity."""
+
+from atssdet.config import PRESETS, ATSSConfig
+from atssdet.modeling.atss import ATSS, ATSSOutput, build_model
+from atssdet.postprocess import Detections, postprocess
+from atssdet.zoo import ZOO, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATSS",
+    "ATSSConfig",
+    "ATSSOutput",
+    "Detections",
+    "PRESETS",
+    "ZOO",
+    "build_model",
+    "load",
+    "postprocess",
+]

@@ -1,0 +1,3 @@
+from atssdet.cli import main
+
+raise SystemExit(main())

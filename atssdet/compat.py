@@ -1,0 +1,134 @@
+"""The seed's API: ``DetEvaluator.process_inputs``, ``model(image=, im_info=)`` and ``DetEvaluator.predict``.
+
+Code written for MegEngine's model hub runs unchanged on top of the PyTorch model::
+
+    model = atssdet.compat.hub_load("atss_res50_coco_3x_800size", weights="...pkl")
+    data, im_info = DetEvaluator.process_inputs(cv2.imread("cat.jpg"), 800, 1333)
+    scores, boxes = model(image=torch.tensor(data), im_info=torch.tensor(im_info))
+    dets = DetEvaluator(model).predict(image=..., im_info=...)   # [K, 6] (x1, y1, x2, y2, score, class)
+
+Unlike the seed, a batch of images is accepted (``predict`` then returns one array per image).
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from atssdet.config import ATSSConfig
+from atssdet.modeling.atss import ATSS
+from atssdet.postprocess import dense_scores_and_boxes, select_detections
+
+
+def get_hw_by_short_size(im_height: int, im_width: int, short_size: int, max_size: int) -> tuple[int, int]:
+    """Resized (h, w): scale = short/min side, capped so the long side <= max; Python ``round`` (halves to even)."""
+    im_size_min = min(im_height, im_width)
+    im_size_max = max(im_height, im_width)
+    scale = (short_size + 0.0) / im_size_min
+    if scale * im_size_max > max_size:
+        scale = (max_size + 0.0) / im_size_max
+    return int(round(im_height * scale)), int(round(im_width * scale))
+
+
+def _to_tensor(x: Tensor | np.ndarray, device: torch.device) -> Tensor:
+    return (x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))).to(device)
+
+
+class CompatModel(nn.Module):
+    """Wraps :class:`ATSS` with the seed's call signature.
+
+    Eval mode: ``model(image=[N,3,h,w], im_info=[N,4|5])`` -> ``(scores [N*A, C], boxes [N*A, 4])`` in
+    original-image pixels (for one image exactly MegEngine's ``(pred_score, clipped_boxes)``).
+    """
+
+    def __init__(self, model: ATSS) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def cfg(self) -> ATSSConfig:
+        return self.model.cfg
+
+    def dense(self, image: Tensor | np.ndarray, im_info: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        """Per-image dense scores ``[N, A, C]`` and boxes ``[N, A, 4]``."""
+        device = next(self.model.parameters()).device
+        image_t = _to_tensor(image, device).float()
+        info = _to_tensor(im_info, device).float()
+        output = self.model(image_t)
+        return dense_scores_and_boxes(output, info[:, 0:2], info[:, 2:4])
+
+    def forward(
+        self,
+        image: Tensor | np.ndarray,
+        im_info: Tensor | np.ndarray,
+        gt_boxes: Tensor | np.ndarray | None = None,
+    ) -> tuple[Tensor, Tensor] | dict[str, Tensor]:
+        if self.training:
+            if gt_boxes is None:
+                raise ValueError("training mode needs gt_boxes [B, M, 5] (x1, y1, x2, y2, class 1..C)")
+            from atssdet.criterion import seed_training_losses
+
+            return seed_training_losses(self.model, image, im_info, gt_boxes)
+        scores, boxes = self.dense(image, im_info)
+        return scores.reshape(-1, scores.shape[-1]), boxes.reshape(-1, 4)
+
+
+class DetEvaluator:
+    """The seed's evaluator: ``process_inputs`` (static) and ``predict``."""
+
+    def __init__(self, model: CompatModel | ATSS) -> None:
+        self.model = model if isinstance(model, CompatModel) else CompatModel(model)
+
+    @staticmethod
+    def get_hw_by_short_size(
+        im_height: int, im_width: int, short_size: int, max_size: int
+    ) -> tuple[int, int]:
+        return get_hw_by_short_size(im_height, im_width, short_size, max_size)
+
+    @staticmethod
+    def process_inputs(
+        img: np.ndarray, short_size: int, max_size: int, flip: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """BGR uint8 ``[H, W, 3]`` -> ``(data [1, 3, h, w] float32, im_info [1, 4] float32)``, as MegEngine.
+
+        Resizing is ``cv2.resize(INTER_LINEAR)`` on uint8 (fixed-point, unlike a float resize); no padding
+        or normalisation here (the model does both).
+        """
+        original_height, original_width = img.shape[:2]
+        h, w = get_hw_by_short_size(original_height, original_width, short_size, max_size)
+        resized = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+        if flip:
+            resized = cv2.flip(resized, 1)
+        data = np.ascontiguousarray(resized.transpose(2, 0, 1)[None], dtype=np.float32)
+        im_info = np.array([(h, w, original_height, original_width)], dtype=np.float32)
+        return data, im_info
+
+    @torch.inference_mode()
+    def predict(
+        self, image: Tensor | np.ndarray, im_info: Tensor | np.ndarray
+    ) -> np.ndarray | list[np.ndarray]:
+        """``[K, 6]`` float64 (x1, y1, x2, y2, score, class 0..C-1); a list of them for a batch of N > 1."""
+        cfg = self.model.cfg
+        scores, boxes = self.model.dense(image, im_info)
+        dets = select_detections(
+            scores,
+            boxes,
+            score_threshold=cfg.test_cls_threshold,
+            nms_threshold=cfg.test_nms,
+            max_detections=cfg.test_max_boxes_per_image,
+        )
+        arrays = [d.to_array().cpu().numpy() for d in dets]
+        return arrays[0] if len(arrays) == 1 else arrays
+
+
+def hub_load(
+    name: str, pretrained: bool = False, weights: str | os.PathLike[str] | None = None
+) -> CompatModel:
+    """The seed's ``hub.load(..., name, pretrained=True)``: a :class:`CompatModel` in eval mode."""
+    from atssdet.zoo import load
+
+    return CompatModel(load(name, pretrained=pretrained, weights=weights)).eval()

@@ -1,0 +1,158 @@
+"""Model and training configuration.
+
+Field names follow MegEngine's ``ATSSConfig`` (models/atss.py in MegEngine/Models) so that a user
+of the seed recognises every knob. Configs are frozen dataclasses; derive variants with
+:func:`dataclasses.replace` or :func:`with_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+COCO_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+
+# Output channels of res3, res4, res5 for each backbone.
+BACKBONE_CHANNELS: dict[str, tuple[int, int, int]] = {
+    "resnet18": (128, 256, 512),
+    "resnet34": (128, 256, 512),
+    "resnet50": (512, 1024, 2048),
+    "resnet101": (512, 1024, 2048),
+    "resnext101_32x8d": (512, 1024, 2048),
+}
+
+
+@dataclass(frozen=True)
+class ATSSConfig:
+    """Everything that defines an ATSS model and its training recipe (MegEngine field names)."""
+
+    backbone: str = "resnet50"
+    backbone_pretrained: bool = False
+    backbone_norm: str = "FrozenBN"  # "FrozenBN" | "BN" | "SyncBN" | "GN"
+    backbone_freeze_at: int = 2  # 0: nothing frozen, 1: stem, 2: stem + layer1, ...
+
+    fpn_in_features: tuple[str, ...] = ("res3", "res4", "res5")
+    fpn_in_strides: tuple[int, ...] = (8, 16, 32)
+    fpn_in_channels: tuple[int, ...] = (512, 1024, 2048)
+    fpn_out_channels: int = 256
+    fpn_top_in_feature: str = "p5"
+    fpn_top_in_channel: int = 256
+
+    num_classes: int = 80
+    class_names: tuple[str, ...] = COCO_CLASSES
+    img_mean: tuple[float, float, float] = (103.530, 116.280, 123.675)  # BGR
+    img_std: tuple[float, float, float] = (57.375, 57.120, 58.395)  # BGR
+    stride: tuple[int, ...] = (8, 16, 32, 64, 128)
+    in_features: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
+    head_num_convs: int = 4
+    head_norm_groups: int = 32
+
+    num_anchors: int = 1
+    anchor_offset: float = 0.5
+    anchor_scale: int = 8
+    anchor_topk: int = 9
+    class_aware_box: bool = False
+    cls_prior_prob: float = 0.01
+
+    focal_loss_alpha: float = 0.25
+    focal_loss_gamma: float = 2.0
+    iou_loss_type: str = "giou"
+    loss_bbox_weight: float = 2.0
+
+    train_image_short_size: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+    train_image_max_size: int = 1333
+    basic_lr: float = 0.01 / 16  # per image
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    log_interval: int = 20
+    nr_images_epoch: int = 80000
+    max_epoch: int = 54
+    warm_iters: int = 500
+    lr_decay_rate: float = 0.1
+    lr_decay_stages: tuple[int, ...] = (42, 50)
+
+    test_image_short_size: int = 800
+    test_image_max_size: int = 1333
+    test_max_boxes_per_image: int = 100
+    test_vis_threshold: float = 0.3
+    test_cls_threshold: float = 0.05
+    test_nms: float = 0.6
+
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
+            )
+        if len(self.stride) != len(self.in_features):
+            raise ValueError("stride and in_features must have the same length")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ATSSConfig:
+        raw = json.loads(text)
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ATSSConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise ValueError(f"unknown ATSSConfig field(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+def with_overrides(cfg: ATSSConfig, overrides: dict[str, Any]) -> ATSSConfig:
+    """Return ``cfg`` with fields replaced; lists become tuples, unknown names raise ValueError."""
+    merged = dataclasses.asdict(cfg)
+    merged.update(overrides)
+    return ATSSConfig.from_dict(merged)
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """Parse one ``--set key=value`` item; the value is read as JSON when possible, else a string."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    names = {f.name for f in dataclasses.fields(ATSSConfig)}
+    if key not in names:
+        raise ValueError(f"--set {key}: no such config field (known: {', '.join(sorted(names))})")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def _variant(backbone: str, **kwargs: Any) -> ATSSConfig:
+    return ATSSConfig(backbone=backbone, fpn_in_channels=BACKBONE_CHANNELS[backbone], **kwargs)
+
+
+# The five MegEngine zoo variants (``3x`` = 54 epochs with decay at 42 and 50; resx101 is ``2x``).
+PRESETS: dict[str, ATSSConfig] = {
+    "atss_res18_coco_3x_800size": _variant("resnet18"),
+    "atss_res34_coco_3x_800size": _variant("resnet34"),
+    "atss_res50_coco_3x_800size": _variant("resnet50"),
+    "atss_res101_coco_3x_800size": _variant("resnet101"),
+    "atss_resx101_coco_2x_800size": _variant("resnext101_32x8d", max_epoch=36, lr_decay_stages=(24, 32)),
+}

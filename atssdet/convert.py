@@ -1,0 +1,259 @@
+"""MegEngine ``.pkl`` checkpoints -> PyTorch state dicts and safetensors files, without MegEngine.
+
+The official hub files are protocol-4 pickles of an ``OrderedDict`` of float32 numpy arrays (training
+checkpoints wrap it as ``{"epoch", "state_dict"}``). They are read with a restricted unpickler that
+resolves exactly the four globals such files use and refuses every other one, so a malicious pickle
+cannot run code.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import io
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from atssdet.config import ATSSConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def _numpy_reconstruct() -> Any:
+    try:  # numpy >= 2 renamed numpy.core to numpy._core
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return _reconstruct
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals MegEngine weight files need; anything else raises :class:`CheckpointError`."""
+
+    def __init__(self, file: io.BufferedIOBase | io.BytesIO, *, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise CheckpointError(
+                f"{self.source}: refusing to load: the pickle references {module}.{name}, which a "
+                "MegEngine weight file never contains (only OrderedDict and numpy arrays are allowed); "
+                "the file may be malicious or not a MegEngine checkpoint"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"{self.source}: refusing to load: the pickle uses persistent ids")
+
+
+def load_megengine_pickle(path: str | os.PathLike[str]) -> collections.OrderedDict[str, np.ndarray]:
+    """Read a MegEngine ``.pkl`` (optionally gzip-compressed) into an ordered ``{key: float32 array}``.
+
+    Accepts the hub format (a flat mapping) and training checkpoints (``{"epoch", "state_dict"}``).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror or exc}") from exc
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise CheckpointError(f"{path}: corrupt gzip data: {exc}") from exc
+    if not raw.startswith(b"\x80"):
+        raise CheckpointError(f"{path}: not a pickle file (a MegEngine .pkl starts with a protocol header)")
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(raw), source=str(path)).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # truncated or garbled pickle streams raise many types
+        raise CheckpointError(f"{path}: corrupt or truncated pickle: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a mapping of arrays, found {type(obj).__name__}")
+    out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise CheckpointError(
+                f"{path}: entry {key!r} is {type(value).__name__}, expected a numpy array under a str key"
+            )
+        out[key] = value
+    return out
+
+
+def megengine_to_torch(
+    arrays: Mapping[str, np.ndarray], model: nn.Module, *, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Map MegEngine arrays onto ``model``'s state-dict layout and check every key and shape.
+
+    ``(1, C, 1, 1)`` conv biases become ``(C,)``; 5-D grouped conv weights
+    ``(groups, out/g, in/g, kh, kw)`` become ``(out, in/g, kh, kw)``. Raises :class:`CheckpointError`
+    naming every missing, unexpected or mis-shaped key, and any non-finite tensor.
+    """
+    target = model.state_dict()
+    problems: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    for key, array in arrays.items():
+        if key not in target:
+            problems.append(f"unexpected key {key} {tuple(array.shape)}")
+            continue
+        want = tuple(target[key].shape)
+        value = np.asarray(array)
+        if value.shape != want:
+            if value.size == int(np.prod(want)) and (
+                value.ndim == 4 and value.shape[0] == 1 or value.ndim == 5
+            ):
+                value = value.reshape(want)
+            else:
+                problems.append(f"shape mismatch for {key}: checkpoint {tuple(array.shape)}, model {want}")
+                continue
+        want_dtype = target[key].dtype
+        if want_dtype.is_floating_point != bool(np.issubdtype(value.dtype, np.floating)):
+            problems.append(f"{key} has dtype {value.dtype}, model expects {want_dtype}")
+            continue
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(want_dtype)
+        if want_dtype.is_floating_point and not torch.isfinite(tensor).all():
+            problems.append(f"{key} contains NaN or inf")
+            continue
+        out[key] = tensor
+    # MegEngine BatchNorm has no step counter; keep the model's own for trainable BN layers.
+    missing = [k for k in target if k not in arrays and not k.endswith("num_batches_tracked")]
+    out.update({k: v for k, v in target.items() if k not in arrays and k.endswith("num_batches_tracked")})
+    problems += [f"missing key {k} {tuple(target[k].shape)}" for k in missing]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError(
+            f"{source}: does not match the {type(model).__name__} model ({len(problems)} problem(s)):\n  {shown}{more}"
+        )
+    return out
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, cfg: ATSSConfig | None = None
+) -> Path:
+    """Write ``state_dict`` (plus the config as metadata) atomically: temp file in the same folder, then rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "atssdet"}
+    if cfg is not None:
+        metadata["atssdet_config"] = cfg.to_json()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ATSSConfig | None]:
+    """Read an atssdet safetensors file: ``(state_dict, config or None)``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from exc
+    cfg = None
+    if "atssdet_config" in meta:
+        try:
+            cfg = ATSSConfig.from_json(meta["atssdet_config"])
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: invalid atssdet_config metadata: {exc}") from exc
+    return tensors, cfg
+
+
+def read_checkpoint_config(path: str | os.PathLike[str]) -> ATSSConfig | None:
+    """The config stored in a safetensors file's metadata, or None (other formats carry none)."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from exc
+    text = meta.get("atssdet_config")
+    return ATSSConfig.from_json(text) if text else None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load ``.pkl`` (MegEngine, restricted unpickler), ``.safetensors`` or ``.pt/.pth`` (``weights_only``) strictly."""
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix in (".pkl", ".pkl.gz"):
+        state = megengine_to_torch(load_megengine_pickle(path), model, source=str(path))
+    elif suffix == ".safetensors":
+        tensors, _ = load_safetensors(path)
+        state = megengine_to_torch({k: v.numpy() for k, v in tensors.items()}, model, source=str(path))
+    elif suffix in (".pt", ".pth"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot load with weights_only=True: {exc}") from exc
+        if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+            obj = obj["model"]
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        state = megengine_to_torch(
+            {k: v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)},
+            model,
+            source=str(path),
+        )
+    else:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint type {path.suffix or '(no suffix)'!r}; "
+            "expected .pkl (MegEngine), .safetensors (atssdet) or .pt/.pth (PyTorch state dict)"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], cfg: ATSSConfig) -> Path:
+    """Convert a MegEngine ``.pkl`` into an atssdet ``.safetensors`` file for the model ``cfg`` describes."""
+    from atssdet.modeling.atss import build_model
+
+    model = build_model(cfg)
+    state = megengine_to_torch(load_megengine_pickle(src), model, source=str(src))
+    model.load_state_dict(state, strict=True)
+    return save_safetensors(model.state_dict(), dst, cfg=cfg)
+
+
+def describe(path: str | os.PathLike[str]) -> str:
+    """One JSON line with the tensor count and total values of a MegEngine checkpoint."""
+    arrays = load_megengine_pickle(path)
+    return json.dumps({"tensors": len(arrays), "values": int(sum(a.size for a in arrays.values()))})

@@ -1,0 +1,76 @@
+"""ResNet / ResNeXt bottom-up backbones (torchvision blocks, MegEngine key names)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import ResNet as _TVResNet
+from torchvision.ops import FrozenBatchNorm2d
+
+_ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int], int, int]] = {
+    # name: (block, layers, groups, width_per_group)
+    "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], 1, 64),
+    "resnext101_32x8d": (Bottleneck, [3, 4, 23, 3], 32, 8),
+}
+
+
+def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
+    """Backbone norm: ``FrozenBN`` (eps 1e-5, as MegEngine), ``BN``, ``SyncBN`` (BN converted for DDP) or ``GN``."""
+    if norm == "FrozenBN":
+        return lambda c: FrozenBatchNorm2d(c, eps=1e-5)
+    if norm in ("BN", "SyncBN"):
+        return lambda c: nn.BatchNorm2d(c, eps=1e-5)
+    if norm == "GN":
+        return lambda c: nn.GroupNorm(32, c, eps=1e-5)
+    raise ValueError(f"unknown backbone_norm {norm!r} (expected FrozenBN, BN, SyncBN or GN)")
+
+
+class ResNet(_TVResNet):
+    """torchvision ResNet without ``avgpool``/``fc``; ``forward`` returns ``res2..res5`` features."""
+
+    def __init__(self, arch: str, *, norm: str = "FrozenBN", freeze_at: int = 2) -> None:
+        if arch not in _ARCHS:
+            raise ValueError(f"unknown backbone {arch!r}; expected one of {', '.join(_ARCHS)}")
+        block, layers, groups, width = _ARCHS[arch]
+        super().__init__(
+            block, layers, groups=groups, width_per_group=width, norm_layer=norm_layer_factory(norm)
+        )
+        del self.avgpool
+        del self.fc
+        self.freeze_at = freeze_at
+        self._freeze(freeze_at)
+
+    def _freeze(self, freeze_at: int) -> None:
+        # MegEngine's train.py leaves conv1 and layer1 out of the optimizer (backbone_freeze_at=2).
+        stages: list[list[nn.Module]] = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3]]
+        for stage in stages[:freeze_at]:
+            for module in stage:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``[N, 3, H, W]`` normalised input -> ``{"stem", "res2", "res3", "res4", "res5"}``."""
+        stem = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        res2 = self.layer1(stem)
+        res3 = self.layer2(res2)
+        res4 = self.layer3(res3)
+        res5 = self.layer4(res4)
+        return {"stem": stem, "res2": res2, "res3": res3, "res4": res4, "res5": res5}
+
+
+def resnet_out_channels(arch: str) -> tuple[int, int, int]:
+    """Channels of res3, res4, res5."""
+    block, _, _, _ = _ARCHS[arch]
+    e = block.expansion
+    return (128 * e, 256 * e, 512 * e)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn trainable BatchNorm layers into SyncBatchNorm (for ``backbone_norm="SyncBN"`` under DDP)."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)

@@ -1,0 +1,40 @@
+"""Box conventions, written once: absolute-pixel ``xyxy`` with no ``+1`` anywhere.
+
+``ltrb`` distances are measured from a point to the four box sides: ``(px - x1, py - y1, x2 - px, y2 - py)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_area as _tv_box_area
+from torchvision.ops import box_iou as _tv_box_iou
+
+
+def box_area(boxes_xyxy: Tensor) -> Tensor:
+    """Areas ``(x2 - x1) * (y2 - y1)`` of ``[..., 4]`` boxes (no +1)."""
+    if boxes_xyxy.dim() == 2:
+        return _tv_box_area(boxes_xyxy)
+    return (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]) * (boxes_xyxy[..., 3] - boxes_xyxy[..., 1])
+
+
+def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """Pairwise IoU ``[M, K]`` of ``[M, 4]`` and ``[K, 4]`` boxes (inter / union, no +1)."""
+    return _tv_box_iou(boxes1_xyxy, boxes2_xyxy)
+
+
+def ltrb_to_xyxy(points_xy: Tensor, ltrb: Tensor) -> Tensor:
+    """Decode distances ``[..., A, 4]`` around points ``[A, 2]`` into boxes ``[..., A, 4]``."""
+    x = points_xy[..., 0]
+    y = points_xy[..., 1]
+    return torch.stack((x - ltrb[..., 0], y - ltrb[..., 1], x + ltrb[..., 2], y + ltrb[..., 3]), dim=-1)
+
+
+def xyxy_to_ltrb(points_xy: Tensor, boxes_xyxy: Tensor) -> Tensor:
+    """Encode boxes ``[..., A, 4]`` as distances from points ``[A, 2]`` (negative when outside)."""
+    x = points_xy[..., 0]
+    y = points_xy[..., 1]
+    return torch.stack(
+        (x - boxes_xyxy[..., 0], y - boxes_xyxy[..., 1], boxes_xyxy[..., 2] - x, boxes_xyxy[..., 3] - y),
+        dim=-1,
+    )
