@@ -20,18 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from atssdet.config import ATSSConfig
+from atssdet.data.transforms import get_hw_by_short_size
 from atssdet.modeling.atss import ATSS
 from atssdet.postprocess import dense_scores_and_boxes, select_detections
-
-
-def get_hw_by_short_size(im_height: int, im_width: int, short_size: int, max_size: int) -> tuple[int, int]:
-    """Resized (h, w): scale = short/min side, capped so the long side <= max; Python ``round`` (halves to even)."""
-    im_size_min = min(im_height, im_width)
-    im_size_max = max(im_height, im_width)
-    scale = (short_size + 0.0) / im_size_min
-    if scale * im_size_max > max_size:
-        scale = (max_size + 0.0) / im_size_max
-    return int(round(im_height * scale)), int(round(im_width * scale))
 
 
 def _to_tensor(x: Tensor | np.ndarray, device: torch.device) -> Tensor:

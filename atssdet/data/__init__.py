@@ -1,0 +1,1 @@
+"""Data: image reading, transforms, batching, COCO-format datasets, synthetic data."""
