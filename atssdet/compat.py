@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from atssdet.batching import group_by_padded_size, padded_size
 from atssdet.config import ATSSConfig
 from atssdet.data.transforms import get_hw_by_short_size
 from atssdet.modeling.atss import ATSS
@@ -32,8 +33,9 @@ def _to_tensor(x: Tensor | np.ndarray, device: torch.device) -> Tensor:
 class CompatModel(nn.Module):
     """Wraps :class:`ATSS` with the seed's call signature.
 
-    Eval mode: ``model(image=[N,3,h,w], im_info=[N,4|5])`` -> ``(scores [N*A, C], boxes [N*A, 4])`` in
-    original-image pixels (for one image exactly MegEngine's ``(pred_score, clipped_boxes)``).
+    Eval mode: ``model(image=[N,3,h,w], im_info=[N,4|5])`` -> ``(scores [sum A_i, C], boxes [sum A_i, 4])``
+    in original-image pixels, images concatenated in order (for one image exactly MegEngine's
+    ``(pred_score, clipped_boxes)``). The batch is zero-padded bottom/right as MegEngine's loader does.
     """
 
     def __init__(self, model: ATSS) -> None:
@@ -44,13 +46,30 @@ class CompatModel(nn.Module):
     def cfg(self) -> ATSSConfig:
         return self.model.cfg
 
-    def dense(self, image: Tensor | np.ndarray, im_info: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
-        """Per-image dense scores ``[N, A, C]`` and boxes ``[N, A, 4]``."""
+    def dense(self, image: Tensor | np.ndarray, im_info: Tensor | np.ndarray) -> list[tuple[Tensor, Tensor]]:
+        """Per image: dense scores ``[A_i, C]`` and boxes ``[A_i, 4]`` in original pixels.
+
+        Images of the batch are grouped by padded size (:mod:`atssdet.batching`), so each image gets
+        exactly the result it would get alone, whatever the batch around it.
+        """
         device = next(self.model.parameters()).device
         image_t = _to_tensor(image, device).float()
         info = _to_tensor(im_info, device).float()
-        output = self.model(image_t)
-        return dense_scores_and_boxes(output, info[:, 0:2], info[:, 2:4])
+        if image_t.dim() != 4 or info.dim() != 2 or info.shape[0] != image_t.shape[0] or info.shape[1] < 4:
+            raise ValueError(
+                f"expected image [N, 3, H, W] and im_info [N, 4 or 5], got {tuple(image_t.shape)} "
+                f"and {tuple(info.shape)}"
+            )
+        hw = [(int(h), int(w)) for h, w in info[:, :2].round().long().tolist()]
+        results: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(hw)
+        for group in group_by_padded_size(hw):
+            ph, pw = padded_size(*hw[group[0]])
+            batch = image_t[group, :, :ph, :pw]
+            output = self.model(batch)
+            scores, boxes = dense_scores_and_boxes(output, info[group, 0:2], info[group, 2:4])
+            for j, i in enumerate(group):
+                results[i] = (scores[j], boxes[j])
+        return results
 
     def forward(
         self,
@@ -64,8 +83,9 @@ class CompatModel(nn.Module):
             from atssdet.criterion import seed_training_losses
 
             return seed_training_losses(self.model, image, im_info, gt_boxes)
-        scores, boxes = self.dense(image, im_info)
-        return scores.reshape(-1, scores.shape[-1]), boxes.reshape(-1, 4)
+        with torch.no_grad():  # the seed's eval outputs carry no autograd graph
+            per_image = self.dense(image, im_info)
+        return torch.cat([s for s, _ in per_image]), torch.cat([b for _, b in per_image])
 
 
 class DetEvaluator:
@@ -104,15 +124,16 @@ class DetEvaluator:
     ) -> np.ndarray | list[np.ndarray]:
         """``[K, 6]`` float64 (x1, y1, x2, y2, score, class 0..C-1); a list of them for a batch of N > 1."""
         cfg = self.model.cfg
-        scores, boxes = self.model.dense(image, im_info)
-        dets = select_detections(
-            scores,
-            boxes,
-            score_threshold=cfg.test_cls_threshold,
-            nms_threshold=cfg.test_nms,
-            max_detections=cfg.test_max_boxes_per_image,
-        )
-        arrays = [d.to_array().cpu().numpy() for d in dets]
+        arrays = []
+        for scores, boxes in self.model.dense(image, im_info):
+            (dets,) = select_detections(
+                scores[None],
+                boxes[None],
+                score_threshold=cfg.test_cls_threshold,
+                nms_threshold=cfg.test_nms,
+                max_detections=cfg.test_max_boxes_per_image,
+            )
+            arrays.append(dets.to_array().cpu().numpy())
         return arrays[0] if len(arrays) == 1 else arrays
 
 

@@ -1,0 +1,35 @@
+"""Shared assertions for tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def assert_dets_match(
+    ours: np.ndarray, ref: np.ndarray, *, score_tol: float = 1e-4, box_tol: float = 0.02
+) -> None:
+    """``[K, 6]`` detections: same count, classes and order; boxes within ``box_tol`` px, scores within ``score_tol``.
+
+    Rows whose reference scores are closer than ``score_tol`` form a tie group: float32 results from
+    different kernels differ by ~1e-5, so the order inside such a group is not defined by the
+    tolerance and is compared as a set. Every other position must match in order.
+    """
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    start = 0
+    n = ref.shape[0]
+    while start < n:
+        end = start + 1
+        while end < n and abs(ref[end - 1, 4] - ref[end, 4]) < score_tol:
+            end += 1
+        remaining = list(range(start, end))
+        for r in range(start, end):
+            match = [
+                i
+                for i in remaining
+                if ours[i, 5] == ref[r, 5]
+                and np.abs(ours[i, :4] - ref[r, :4]).max() <= box_tol
+                and abs(ours[i, 4] - ref[r, 4]) <= score_tol
+            ]
+            assert match, f"reference row {r} {ref[r]} has no match in rows {start}..{end - 1}"
+            remaining.remove(match[0])
+        start = end
