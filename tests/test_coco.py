@@ -156,6 +156,13 @@ _DELETE = object()
         ("annotations.2.bbox", [1, 2, 3], r"annotations\[2\] \(id 3\): 'bbox' must be a list of 4 numbers"),
         ("annotations.3.bbox", _DELETE, r"annotations\[3\] \(id 4\): missing key 'bbox'"),
         ("annotations.0.iscrowd", 2, r"'iscrowd' must be 0 or 1"),
+        ("annotations.4.bbox", [1, 2, float("nan"), 3], r"annotations\[4\] \(id 5\): bbox .* non-finite"),
+        (
+            "annotations.5.bbox",
+            [1, "2", 3, 4],
+            r"annotations\[5\] \(id 6\): 'bbox' must be a list of 4 numbers",
+        ),
+        ("annotations.6.image_id", 7.0, r"annotations\[6\] \(id 7\): 'image_id' must be an integer"),
         ("categories.0.id", 3, r"duplicate category id 3"),
     ],
 )

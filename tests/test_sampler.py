@@ -92,10 +92,8 @@ def test_inference_sharding_complete_and_ordered(n: int, world: int) -> None:
 
 def test_dataloader_workers_reproducible(tmp_path) -> None:
     """COCODetection + GroupedBatchSampler + collate in 2 workers == in-process, batch for batch."""
-    from torch.utils.data import DataLoader
-
     from atssdet.data.coco import COCODetection
-    from atssdet.data.collate import collate_detection
+    from atssdet.data.loader import build_eval_loader, build_train_loader
     from atssdet.data.synth import generate_synthetic_dataset
     from atssdet.data.transforms import TrainTransform
 
@@ -109,14 +107,25 @@ def test_dataloader_workers_reproducible(tmp_path) -> None:
         transform=TrainTransform(short_sizes=(40, 48, 56), max_size=100),
     )
 
-    def run(workers: int) -> list:
-        sampler = GroupedBatchSampler(ds.aspect_ratios(), 2, seed=9, rank=0, world_size=1)
-        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_detection, num_workers=workers)
-        return list(itertools.islice(iter(loader), 5))
+    def run(workers: int, start_batch: int = 0) -> list:
+        loader = build_train_loader(
+            ds, batch_size=2, seed=9, num_workers=workers, rank=0, world_size=1, start_batch=start_batch
+        )
+        return list(itertools.islice(iter(loader), 5 - start_batch))
 
     in_process, in_workers = run(0), run(2)
+    resumed = run(0, start_batch=3)
+    assert [b.image_ids for b in resumed] == [b.image_ids for b in in_process[3:]]
+    assert resumed[0].images.equal(in_process[3].images)
     for a, b in zip(in_process, in_workers, strict=True):
         assert a.image_ids == b.image_ids
         assert a.images.shape[0] == 2 and a.images.equal(b.images)
         assert all(ta.boxes.equal(tb.boxes) for ta, tb in zip(a.targets, b.targets, strict=True))
         assert (a.image_hw.min(dim=1).values >= 40).all()
+
+    val = COCODetection(out.train_ann, out.train_images, remove_images_without_annotations=False)
+    shards = [
+        [b.image_ids for b in build_eval_loader(val, batch_size=2, num_workers=0, rank=r, world_size=4)]
+        for r in range(4)
+    ]
+    assert [i for ids in merge_shards(shards) for i in ids] == val.image_ids

@@ -43,12 +43,6 @@ def aspect_ratio_group_ids(
     return np.array([bisect.bisect_right(edges, float(r)) for r in aspect_ratios], dtype=np.int64)
 
 
-def _sample_seed(seed: int, epoch: int, position: int) -> int:
-    """A 63-bit augmentation seed for the sample at ``position`` of ``epoch``'s global permutation."""
-    words = np.random.SeedSequence([seed, epoch, position]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
 class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Aspect-ratio grouped random batches of ``(index, seed)`` for one rank.
 
@@ -101,9 +95,16 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
         """This rank's ``(index, seed)`` sequence for ``epoch``, before grouping."""
         n = len(self.group_ids)
         perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        # One augmentation seed per position of the global permutation: distinct across ranks.
+        seeds = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2**63 - 1, size=n, dtype=np.int64)
         usable = n - n % self.world_size
-        positions = range(self.rank, usable, self.world_size)
-        return [(int(perm[p]), _sample_seed(self.seed, epoch, p)) for p in positions]
+        return list(
+            zip(
+                perm[self.rank : usable : self.world_size].tolist(),
+                seeds[self.rank : usable : self.world_size].tolist(),
+                strict=True,
+            )
+        )
 
     def _batches(self) -> Iterator[list[tuple[int, int]]]:
         buffers: dict[int, list[tuple[int, int]]] = {}
