@@ -34,10 +34,73 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="dataset tools (synthetic data, ...)", description="Dataset tools.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    _add_data_synth(data_sub)
+
+
+def _add_data_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic COCO-format shapes dataset",
+        description="Generate a deterministic COCO-format detection dataset of six shape classes "
+        "(circle, rectangle, triangle, star, ring, cross) on textured backgrounds, with train and val "
+        "splits. Skips the work when OUT already holds a complete dataset with the same parameters.",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-train", type=int, required=True, help="number of training images")
+    p.add_argument("--num-val", type=int, required=True, help="number of validation images")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed (same seed -> identical files; default 0)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        default=[256, 384],
+        metavar="PX",
+        help="image side in pixels: one value (square images) or MIN MAX (each side drawn from the range; "
+        "default 256 384)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("png", "jpg"),
+        default="png",
+        help="image file format (jpg: ~4x smaller; default png)",
+    )
+    p.add_argument("--force", action="store_true", help="replace a dataset generated with other parameters")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_data_synth)
+
+
+def _run_data_synth(args: argparse.Namespace) -> int:
+    from atssdet.data.synth import generate_synthetic_dataset
+
+    if len(args.image_size) not in (1, 2):
+        raise ValueError(f"--image-size takes 1 or 2 values, got {len(args.image_size)}")
+    lo, hi = args.image_size[0], args.image_size[-1]
+    out = generate_synthetic_dataset(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        seed=args.seed,
+        image_size=(lo, hi),
+        image_format=args.format,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    print(f"train: {out.train_ann} (images in {out.train_images})")
+    print(f"val:   {out.val_ann} (images in {out.val_images})")
+    print(f"classes: {', '.join(out.class_names)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atssdet", description="ATSS object detectors in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
+    _add_data(sub)
     return parser
 
 
