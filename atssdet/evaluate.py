@@ -264,55 +264,79 @@ def image_entries(gt: COCO) -> list[ImageEntry]:
     return entries
 
 
-# A model runner: resized images and their original (height, width) -> Detections in original pixels.
-BatchRunner = Callable[[list[np.ndarray], list[tuple[int, int]]], list[Detections]]
+_SIZE_DIVISIBILITY = 32  # the model pads its input to a multiple of this
 
 
-def model_runner(
-    model: nn.Module,
-    *,
-    device: torch.device,
-    short_size: int | None = None,
-    max_size: int | None = None,
-    score_threshold: float | None = None,
-    nms_threshold: float | None = None,
-    max_detections: int | None = None,
-) -> tuple[BatchRunner, Callable[[np.ndarray], np.ndarray]]:
-    """``(run, preprocess)`` for an :class:`~atssdet.modeling.atss.ATSS` model (or a DDP wrapper of one).
+def _padded_hw(h: int, w: int) -> tuple[int, int]:
+    m = _SIZE_DIVISIBILITY
+    return -(-h // m) * m, -(-w // m) * m
 
-    ``preprocess`` is the MegEngine eval resize (it runs in loader threads); ``run`` batches the resized
-    images (zero-padded), runs the model and post-processes to original pixels, exactly as
-    ``compat.DetEvaluator.predict`` for a batch of one. Unset sizes/thresholds come from ``model.cfg``.
+
+class ModelRunner:
+    """Runs an :class:`~atssdet.modeling.atss.ATSS` model (or a DDP wrapper of one) on resized images.
+
+    :meth:`preprocess` is the MegEngine eval resize (it runs in loader threads); :meth:`run` batches
+    resized images and post-processes to original pixels. Images are batched only with images of
+    the same padded size (the model pads to /32; padding further would change the convolutions near
+    the border), so every image gets exactly ``compat.DetEvaluator.predict``'s detections whatever
+    the batch. Unset sizes/thresholds come from ``model.cfg``.
     """
-    from atssdet.data.transforms import images_to_batch, resize_shortest_edge
-    from atssdet.postprocess import postprocess
 
-    core = _unwrap(model)
-    cfg = _config_of(core)
-    short = cfg.test_image_short_size if short_size is None else short_size
-    longest = cfg.test_image_max_size if max_size is None else max_size
-    score_thr = cfg.test_cls_threshold if score_threshold is None else score_threshold
-    nms_thr = cfg.test_nms if nms_threshold is None else nms_threshold
-    max_dets = cfg.test_max_boxes_per_image if max_detections is None else max_detections
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device,
+        short_size: int | None = None,
+        max_size: int | None = None,
+        score_threshold: float | None = None,
+        nms_threshold: float | None = None,
+        max_detections: int | None = None,
+    ) -> None:
+        self.model = _unwrap(model)
+        cfg = _config_of(self.model)
+        self.device = device
+        self.short_size = cfg.test_image_short_size if short_size is None else short_size
+        self.max_size = cfg.test_image_max_size if max_size is None else max_size
+        self.score_threshold = cfg.test_cls_threshold if score_threshold is None else score_threshold
+        self.nms_threshold = cfg.test_nms if nms_threshold is None else nms_threshold
+        self.max_detections = cfg.test_max_boxes_per_image if max_detections is None else max_detections
 
-    def preprocess(image: np.ndarray) -> np.ndarray:
-        return resize_shortest_edge(image, short, longest)
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """BGR uint8 ``[H, W, 3]`` -> resized ``[h, w, 3]`` (MegEngine's ``cv2.resize`` INTER_LINEAR)."""
+        from atssdet.data.transforms import resize_shortest_edge
+
+        return resize_shortest_edge(image, self.short_size, self.max_size)
+
+    def batch_key(self, height: int, width: int) -> tuple[int, int]:
+        """Padded input size of an original ``height x width`` image: images with equal keys batch together."""
+        from atssdet.data.transforms import get_hw_by_short_size
+
+        return _padded_hw(*get_hw_by_short_size(height, width, self.short_size, self.max_size))
 
     @torch.inference_mode()
-    def run(resized: list[np.ndarray], orig_hw: list[tuple[int, int]]) -> list[Detections]:
-        batch = images_to_batch(resized, device=device)
-        image_hw = torch.tensor([im.shape[:2] for im in resized], dtype=torch.float32)
-        output = core(batch)
-        return postprocess(
-            output,
-            image_hw,
-            torch.tensor(orig_hw, dtype=torch.float32),
-            score_threshold=score_thr,
-            nms_threshold=nms_thr,
-            max_detections=max_dets,
-        )
+    def run(self, resized: list[np.ndarray], orig_hw: list[tuple[int, int]]) -> list[Detections]:
+        """One :class:`Detections` per resized image, boxes in original ``(height, width)`` pixels."""
+        from atssdet.data.transforms import images_to_batch
+        from atssdet.postprocess import postprocess
 
-    return run, preprocess
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(resized):
+            groups.setdefault(_padded_hw(im.shape[0], im.shape[1]), []).append(i)
+        out: list[Detections | None] = [None] * len(resized)
+        for idx in groups.values():
+            batch = images_to_batch([resized[i] for i in idx], device=self.device)
+            dets = postprocess(
+                self.model(batch),
+                torch.tensor([resized[i].shape[:2] for i in idx], dtype=torch.float32),
+                torch.tensor([orig_hw[i] for i in idx], dtype=torch.float32),
+                score_threshold=self.score_threshold,
+                nms_threshold=self.nms_threshold,
+                max_detections=self.max_detections,
+            )
+            for i, d in zip(idx, dets, strict=True):
+                out[i] = d
+        return [d for d in out if d is not None]
 
 
 def _config_of(model: nn.Module) -> ATSSConfig:
@@ -330,7 +354,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _read(entry: ImageEntry, image_dir: Path, preprocess: Callable[[np.ndarray], np.ndarray] | None):
+_Loaded = tuple[ImageEntry, "np.ndarray | None", "tuple[int, int] | None", "str | None"]
+
+
+def _read(
+    entry: ImageEntry, image_dir: Path, preprocess: Callable[[np.ndarray], np.ndarray] | None
+) -> _Loaded:
+    """(entry, resized image, original (h, w), None) or (entry, None, None, error message)."""
     from atssdet.data.image_io import ImageReadError, read_image
 
     try:
@@ -341,15 +371,25 @@ def _read(entry: ImageEntry, image_dir: Path, preprocess: Callable[[np.ndarray],
     return entry, (preprocess(image) if preprocess is not None else image), hw, None
 
 
+def _plan_batches(
+    entries: list[ImageEntry], batch_size: int, key: Callable[[int, int], tuple[int, int]] | None
+) -> list[list[ImageEntry]]:
+    """Chunks of ``batch_size`` entries; with ``key`` (from the annotation's sizes) same-key entries only."""
+    if key is None or not all(e.height and e.width for e in entries):
+        return [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    buckets: dict[tuple[int, int], list[ImageEntry]] = {}
+    for e in entries:
+        buckets.setdefault(key(e.height, e.width), []).append(e)
+    return [b[i : i + batch_size] for b in buckets.values() for i in range(0, len(b), batch_size)]
+
+
 def _batches(
-    entries: list[ImageEntry],
+    chunks: list[list[ImageEntry]],
     image_dir: Path,
-    batch_size: int,
     preprocess: Callable[[np.ndarray], np.ndarray] | None,
     num_workers: int,
-) -> Iterator[list[tuple[ImageEntry, np.ndarray | None, tuple[int, int] | None, str | None]]]:
-    """Batches of read (and resized) images; the next batch is read in threads while this one runs."""
-    chunks = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+) -> Iterator[list[_Loaded]]:
+    """Read (and resize) each chunk; the next chunk is read in threads while this one runs."""
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
 
         def submit(chunk: list[ImageEntry]) -> list[Future]:
@@ -386,7 +426,8 @@ def evaluate(
     model's own device. Images that cannot be read are reported (stderr and ``failed_images``) and
     skipped; the statistics then cover the images that were evaluated. With ``out`` the COCO results
     JSON is written there and the metrics JSON next to it (:func:`metrics_path_for`), atomically, by
-    rank 0 only. In a joined process group the images are sharded across ranks and the detections
+    rank 0 only. For a model, batches hold only images of the same padded input size (planned from
+    the annotation's sizes), so ``batch_size`` does not change the detections (see :class:`ModelRunner`). In a joined process group the images are sharded across ranks and the detections
     gathered, so each image is counted once; call it on every rank.
     """
     if batch_size < 1:
@@ -402,6 +443,8 @@ def evaluate(
 
     was_training: bool | None = None
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None
+    batch_key: Callable[[int, int], tuple[int, int]] | None = None
+    detect: Callable[[list[np.ndarray], list[tuple[int, int]]], list[Detections]]
     if isinstance(model, nn.Module):
         core = _unwrap(model)
         num_classes = _config_of(core).num_classes
@@ -413,7 +456,7 @@ def evaluate(
         core.to(dev)
         was_training = core.training
         core.eval()
-        run_model, preprocess = model_runner(
+        runner = ModelRunner(
             core,
             device=dev,
             short_size=short_size,
@@ -422,8 +465,9 @@ def evaluate(
             nms_threshold=nms_threshold,
             max_detections=max_detections,
         )
-
-        detect: BatchRunner = run_model
+        preprocess = runner.preprocess
+        batch_key = runner.batch_key
+        detect = runner.run
     else:
         fn = model
 
@@ -438,32 +482,48 @@ def evaluate(
         from tqdm import tqdm
 
         bar = tqdm(total=len(entries), desc="eval", unit="img", dynamic_ncols=True)
+
+    def warn(msg: str) -> None:
+        if bar is not None:
+            bar.write(f"atssdet eval: warning: {msg}", file=sys.stderr)
+        else:
+            print(f"atssdet eval: warning: {msg}", file=sys.stderr)
+
     world = distributed.get_world_size()
     try:
-        for batch in _batches(my_entries, image_root, batch_size, preprocess, num_workers):
-            ok = [(e, im, hw) for e, im, hw, err in batch if err is None]
-            for _, _, _, err in batch:
-                if err is not None:
-                    failures.append(err)
-                    msg = f"atssdet eval: warning: skipping unreadable image: {err}"
-                    (bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr))
+        chunks = _plan_batches(my_entries, batch_size, batch_key)
+        for batch in _batches(chunks, image_root, preprocess, num_workers):
+            ok: list[tuple[ImageEntry, np.ndarray, tuple[int, int]]] = []
+            for entry, image, hw, err in batch:
+                if image is None or hw is None:
+                    failures.append(str(err))
+                    warn(f"skipping unreadable image: {err}")
+                    continue
+                if entry.height and entry.width and (entry.height, entry.width) != hw:
+                    warn(
+                        f"{entry.file_name}: the annotation file says {entry.height}x{entry.width} but the "
+                        f"image is {hw[0]}x{hw[1]}; detections are in the image's pixels"
+                    )
+                ok.append((entry, image, hw))
             if ok:
-                dets = detect([im for _, im, _ in ok], [hw for _, _, hw in ok])  # type: ignore[misc]
+                dets = detect([im for _, im, _ in ok], [hw for _, _, hw in ok])
                 ids = [e.image_id for e, _, _ in ok]
                 results.extend(detections_to_coco(dets, ids, cat_ids))
                 done_ids.extend(ids)
-            if bar is not None:
-                bar.update(len(batch) * world)  # other ranks progress at about the same pace
+            if bar is not None:  # other ranks progress at about the same pace
+                bar.update(min(len(batch) * world, len(entries) - bar.n))
     finally:
         if bar is not None:
             bar.close()
         if was_training is not None and was_training:
             core.train()
 
-    gathered = distributed.all_gather_object((results, done_ids, failures))
+    # Detections travel as one float64 array per rank ([K, 7]: image id, category id, x, y, w, h,
+    # score; exact for float32 values and ids < 2^53), far smaller than pickled dicts.
+    gathered = distributed.all_gather_object((_pack_results(results), done_ids, failures))
     report: EvalReport | None = None
     if main:
-        all_results = [r for part in gathered for r in part[0]]
+        all_results = [r for part in gathered for r in _unpack_results(part[0])]
         all_results.sort(key=lambda r: r["image_id"])  # stable: per-image order kept
         all_ids = sorted(i for part in gathered for i in part[1])
         all_failures = [f for part in gathered for f in part[2]]
@@ -497,6 +557,25 @@ def evaluate(
             metrics.update(extra_metrics or {})
             write_json_atomic(_json_safe(metrics), metrics_path)
     return distributed.broadcast_object(report)  # type: ignore[return-value]
+
+
+def _pack_results(results: list[dict[str, Any]]) -> np.ndarray:
+    packed = np.zeros((len(results), 7), dtype=np.float64)
+    for i, r in enumerate(results):
+        packed[i] = (r["image_id"], r["category_id"], *r["bbox"], r["score"])
+    return packed
+
+
+def _unpack_results(packed: np.ndarray) -> list[dict[str, Any]]:
+    return [
+        {
+            "image_id": int(row[0]),
+            "category_id": int(row[1]),
+            "bbox": row[2:6].tolist(),
+            "score": float(row[6]),
+        }
+        for row in packed
+    ]
 
 
 def metrics_path_for(results_path: str | os.PathLike[str]) -> Path:

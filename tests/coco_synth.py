@@ -16,6 +16,23 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pytest
+
+from atssdet.config import ATSSConfig
+
+# A small ATSS model over the split's 3 classes: res18 backbone, thin FPN/head, short side 96.
+TINY_CFG = ATSSConfig(
+    backbone="resnet18",
+    fpn_in_channels=(128, 256, 512),
+    fpn_out_channels=32,
+    fpn_top_in_channel=32,
+    head_num_convs=1,
+    head_norm_groups=8,
+    num_classes=3,
+    class_names=("cat", "dog", "bird"),
+    test_image_short_size=96,
+    test_image_max_size=160,
+)
 
 # Non-contiguous category ids on purpose: labels 0, 1, 2 are ids 3, 7, 12 (sorted id order).
 CATEGORIES = [{"id": 12, "name": "bird"}, {"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
@@ -100,6 +117,31 @@ def fake_detector(images: list[np.ndarray]) -> list[Any]:
             )
         )
     return out
+
+
+def assert_same_detections(got: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    """Same detections per image up to float rounding (boxes 1e-3 px, scores 1e-5), in any order.
+
+    Different kernels (batch sizes, thread counts) round differently, which can swap near-tied rows.
+    """
+    assert len(got) == len(expected)
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for g in got:
+        by_image.setdefault(g["image_id"], []).append(g)
+    for e in expected:
+        candidates = by_image.get(e["image_id"], [])
+        match = next(
+            (
+                g
+                for g in candidates
+                if g["category_id"] == e["category_id"]
+                and g["score"] == pytest.approx(e["score"], abs=1e-5)
+                and g["bbox"] == pytest.approx(e["bbox"], abs=1e-3)
+            ),
+            None,
+        )
+        assert match is not None, f"no match for {e}"
+        candidates.remove(match)
 
 
 def free_port() -> int:

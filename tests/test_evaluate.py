@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from coco_synth import CAT_IDS, IMAGES, crafted_results, fake_detector, write_split
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from atssdet.config import ATSSConfig
 from atssdet.evaluate import (
     STAT_NAMES,
     coco_stats,
@@ -29,20 +27,25 @@ from atssdet.evaluate import (
     run_cocoeval,
 )
 from atssdet.postprocess import Detections
-
-# A small ATSS model over the synthetic split's 3 classes: res18 backbone, thin FPN/head, short side 96.
-TINY_CFG = ATSSConfig(
-    backbone="resnet18",
-    fpn_in_channels=(128, 256, 512),
-    fpn_out_channels=32,
-    fpn_top_in_channel=32,
-    head_num_convs=1,
-    head_norm_groups=8,
-    num_classes=3,
-    class_names=("cat", "dog", "bird"),
-    test_image_short_size=96,
-    test_image_max_size=160,
+from tests.coco_synth import (
+    CAT_IDS,
+    IMAGES,
+    TINY_CFG,
+    assert_same_detections,
+    crafted_results,
+    fake_detector,
+    write_split,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared, oversubscribed CI machine OpenMP thread teams spin and
+    stall (a 1 s test took 50 s at load 10); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +157,16 @@ def test_unreadable_images_reported_and_skipped(tmp_path, capsys):
     ann_file, image_dir = write_split(tmp_path)
     (image_dir / "b.png").write_bytes(b"not an image")
     (image_dir / "z.png").unlink()
+    data = json.loads(ann_file.read_text())
+    data["images"][1]["height"] = 151  # 'street view.jpg' is 150 px high
+    ann_file.write_text(json.dumps(data))
     report = evaluate(fake_detector, ann_file, image_dir, batch_size=3, progress=False)
     assert report.num_images == len(IMAGES) - 2
     assert len(report.failed_images) == 2
     assert any("b.png" in f for f in report.failed_images) and any("z.png" in f for f in report.failed_images)
     err = capsys.readouterr().err
     assert "b.png" in err and "z.png" in err
+    assert "street view.jpg: the annotation file says 151x120 but the image is 150x120" in err
     # Statistics cover the images that were evaluated: same as scoring those images directly.
     kept = [i[1] for i in IMAGES if i[0] not in ("b.png", "z.png")]
     results = [
@@ -195,12 +202,31 @@ def test_evaluate_model_equals_det_evaluator_predict(split, tiny_model, tmp_path
         )
     assert len(results) > 50 and results == expected
     assert report.num_detections == len(results)
-    # Batched (zero-padded) inference evaluates every image too; a training-mode model is restored.
+    # Batch composition does not change results: images batch only with same-padded-size images
+    # ('street view.jpg' and 'y.jpeg' both pad to 128x96 and share a batch here); only the float
+    # rounding of batched conv kernels differs (~1e-5 px). Zero-padding to a larger image would not.
+    # A model in training mode is evaluated in eval mode and handed back in training mode.
     tiny_model.train()
-    batched = evaluate(tiny_model, ann_file, image_dir, batch_size=3, progress=False)
+    batched = evaluate(tiny_model, ann_file, image_dir, batch_size=3, out=tmp_path / "b.json", progress=False)
     assert tiny_model.training
     tiny_model.eval()
-    assert batched.num_images == len(IMAGES) and batched.num_detections > 50
+    batched_results = json.loads((tmp_path / "b.json").read_text())
+    assert_same_detections(batched_results, results)  # equal up to float rounding of batched kernels
+    assert batched.stats == pytest.approx(report.stats, abs=1e-9)
+
+
+def test_model_runner_groups_by_padded_size(tiny_model):
+    from atssdet.evaluate import ModelRunner
+
+    runner = ModelRunner(tiny_model, device=torch.device("cpu"))
+    keys = {name: runner.batch_key(h, w) for name, _, h, w, _ in IMAGES}
+    assert keys == {
+        "b.png": (96, 128),
+        "street view.jpg": (128, 96),  # 150x120 -> 120x96
+        "c/a.png": (96, 160),  # 80x160: short side 96 would make the long side 192 > 160
+        "z.png": (96, 96),
+        "y.jpeg": (128, 96),  # 120x100 -> 115x96
+    }
 
 
 def test_evaluate_rejects_class_count_mismatch(split, tiny_model, tmp_path):
