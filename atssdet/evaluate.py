@@ -427,8 +427,9 @@ def evaluate(
     skipped; the statistics then cover the images that were evaluated. With ``out`` the COCO results
     JSON is written there and the metrics JSON next to it (:func:`metrics_path_for`), atomically, by
     rank 0 only. For a model, batches hold only images of the same padded input size (planned from
-    the annotation's sizes), so ``batch_size`` does not change the detections (see :class:`ModelRunner`). In a joined process group the images are sharded across ranks and the detections
-    gathered, so each image is counted once; call it on every rank.
+    the annotation's sizes), so ``batch_size`` does not change the detections (see
+    :class:`ModelRunner`). In a joined process group the images are sharded across ranks and the
+    detections gathered, so each image is counted once; call it on every rank (each gets the report).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
