@@ -160,38 +160,42 @@ def _torchrun_env(rank: int, world_size: int, port: int) -> None:
 def eval_worker(
     rank: int, world_size: int, port: int, ann_file: str, image_dir: str, out: str, result_file: str
 ) -> None:
-    """Spawned rank: join a gloo group the way torchrun would, evaluate the fake detector, save the report."""
+    """Spawned rank: join a gloo group the way torchrun would, evaluate the fake detector, save the report.
+
+    Then rank 1 exits without leaving the group and rank 0 records what its next collective does.
+    """
     _torchrun_env(rank, world_size, port)
     from atssdet import distributed
     from atssdet.evaluate import evaluate
 
-    distributed.init_distributed(device="cpu", timeout=60)
-    try:
-        report = evaluate(
-            fake_detector, ann_file, image_dir, batch_size=2, device="cpu", out=out, progress=False
-        )
-        Path(f"{result_file}.{rank}").write_text(json.dumps(report.to_dict(), allow_nan=True))
-    finally:
-        distributed.cleanup()
+    distributed.init_distributed(device="cpu", timeout=30)
+    report = evaluate(fake_detector, ann_file, image_dir, batch_size=2, device="cpu", out=out, progress=False)
+    Path(f"{result_file}.{rank}").write_text(json.dumps(report.to_dict(), allow_nan=True))
+    distributed.barrier()
+    if rank == 1:
+        os._exit(0)
+    _record_collective(f"{result_file}.after_exit")
 
 
-def timeout_worker(
-    rank: int, world_size: int, port: int, behaviour: str, timeout: float, result_file: str
-) -> None:
-    """Spawned rank: rank 1 ``exit``s or ``hang``s before a collective; rank 0 records what happened to it."""
+def timeout_worker(rank: int, world_size: int, port: int, timeout: float, result_file: str) -> None:
+    """Spawned rank: rank 1 hangs (alive, never joins the collective); rank 0 records what happens to it."""
     _torchrun_env(rank, world_size, port)
     from atssdet import distributed
 
     distributed.init_distributed(device="cpu", timeout=timeout)
     if rank == 1:
-        if behaviour == "exit":
-            os._exit(0)
         time.sleep(120)  # the test terminates this process
         os._exit(0)
+    _record_collective(result_file)
+
+
+def _record_collective(result_file: str) -> None:
+    from atssdet import distributed
+
     start = time.monotonic()
     try:
-        distributed.all_gather_object({"rank": rank})
-        outcome = {"error": None}
+        distributed.all_gather_object({"rank": distributed.get_rank()})
+        outcome: dict[str, Any] = {"error": None, "type": None}
     except distributed.DistributedError as exc:
         outcome = {"error": str(exc), "type": type(exc).__name__}
     except Exception as exc:  # a different exception type is a test failure, recorded for the message
