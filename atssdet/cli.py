@@ -96,11 +96,156 @@ def _run_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="COCO evaluation of one or several checkpoints (torchrun for several GPUs/nodes)",
+        description="Run a detector over a COCO-format split, write the COCO results JSON and a metrics "
+        "JSON next to it, and print the 12 COCO bbox statistics and per-class AP. Several checkpoints "
+        "(files, globs, or an {epoch} pattern with --start-epoch/--end-epoch) are evaluated in turn and "
+        "compared in a table. Under `torchrun --nproc_per_node=N -m atssdet eval ...` the images are "
+        "sharded across the processes.",
+    )
+    p.add_argument("--model", help="zoo model name (needed for .pkl weights; alone: the pretrained weights)")
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        metavar="FILE",
+        help="checkpoint(s): paths, globs ('runs/r18/epoch_*.safetensors') or an {epoch} pattern",
+    )
+    p.add_argument("-se", "--start-epoch", type=int, help="first epoch for an {epoch} pattern in --weights")
+    p.add_argument("-ee", "--end-epoch", type=int, help="last epoch (inclusive) for an {epoch} pattern")
+    p.add_argument("--data", required=True, help="COCO annotation JSON of the split")
+    p.add_argument(
+        "--images", required=True, help="folder holding the split's images (file_name is relative to it)"
+    )
+    p.add_argument(
+        "--out",
+        help="results JSON path; {name} is replaced by the checkpoint name (default runs/eval/{name}.results.json)",
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (per process)")
+    p.add_argument(
+        "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; per LOCAL_RANK under torchrun)"
+    )
+    p.add_argument("--workers", type=int, default=2, help="image reading threads per process")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. test_image_short_size=640",
+    )
+    p.add_argument(
+        "--dist-timeout", type=float, default=1800.0, help="seconds before a stuck collective fails"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from atssdet import distributed
+    from atssdet.config import parse_set_option
+    from atssdet.evaluate import (
+        checkpoint_label,
+        evaluate,
+        expand_checkpoints,
+        format_per_class_table,
+        format_stats,
+        format_stats_table,
+        load_model,
+    )
+
+    if args.weights is None and args.model is None:
+        raise ValueError("give --model NAME and/or --weights FILE...")
+    overrides = dict(parse_set_option(item) for item in args.set)
+    paths = (
+        expand_checkpoints(args.weights, start_epoch=args.start_epoch, end_epoch=args.end_epoch)
+        if args.weights
+        else []
+    )
+    runs: list[tuple[str, str | None]] = [(checkpoint_label(p), str(p)) for p in paths] or [
+        (args.model, None)
+    ]
+    out_template = args.out or "runs/eval/{name}.results.json"
+    if len(runs) > 1 and "{name}" not in out_template:
+        raise ValueError(f"--out {out_template}: several checkpoints need a {{name}} placeholder in --out")
+    labels = [label for label, _ in runs]
+    if len(set(labels)) != len(labels):
+        raise ValueError("several checkpoints share a file name; evaluate them in separate commands")
+
+    distributed.init_distributed(device=args.device, timeout=args.dist_timeout)
+    device = distributed.resolve_device(args.device)
+    main = distributed.is_main_process()
+    rows = []
+    try:
+        for label, weights in runs:
+            model = load_model(weights=weights, model_name=args.model, overrides=overrides).to(device)
+            out = out_template.replace("{name}", label)
+            if main:
+                print(
+                    f"== {label}: {weights or 'pretrained'} on {args.data} ({distributed.get_world_size()} process(es), {device})"
+                )
+            report = evaluate(
+                model,
+                args.data,
+                args.images,
+                batch_size=args.batch_size,
+                device=device,
+                out=out,
+                num_workers=args.workers,
+                progress=not args.no_progress,
+                extra_metrics={"checkpoint": weights, "model": args.model, "name": label},
+            )
+            rows.append((label, report.stats))
+            if main:
+                print(format_stats(report.stats))
+                print()
+                print(format_per_class_table(report.per_class_ap))
+                print()
+                failed = (
+                    f", {len(report.failed_images)} unreadable image(s) skipped"
+                    if report.failed_images
+                    else ""
+                )
+                print(f"{report.num_images} images, {report.num_detections} detections{failed}")
+                print(f"wrote {report.results_path} and {report.metrics_path}")
+        if main and len(rows) > 1:
+            print()
+            print(format_stats_table(rows))
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+def _add_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "table",
+        help="compare metrics/results files in a markdown table",
+        description="Print the 12 COCO statistics (percent) of several files side by side, one row per "
+        "file: atssdet metrics JSON files (written by `eval`), or COCO results JSON files with --data.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="*.metrics.json (or results JSON with --data)")
+    p.add_argument("--data", help="COCO annotation JSON, to score results files")
+    p.add_argument("--digits", type=int, default=1, help="decimals of the percentages")
+    p.set_defaults(func=_run_table)
+
+
+def _run_table(args: argparse.Namespace) -> int:
+    from atssdet.evaluate import checkpoint_label, format_stats_table, load_coco, load_metrics
+
+    gt = load_coco(args.data) if args.data else None
+    rows = [(checkpoint_label(f), load_metrics(f, gt=gt)) for f in args.files]
+    print(format_stats_table(rows, digits=args.digits))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atssdet", description="ATSS object detectors in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
     _add_data(sub)
+    _add_eval(sub)
+    _add_table(sub)
     return parser
 
 
