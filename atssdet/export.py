@@ -56,6 +56,20 @@ def _require(module: str) -> Any:
         ) from exc
 
 
+def onnx_iou_threshold(iou_threshold: float) -> float:
+    """The float32 threshold that makes ONNX Runtime's NMS decide like torchvision's.
+
+    Both suppress when ``IoU > threshold``, but torchvision compares the float32 IoU with the threshold
+    as a double while ONNX Runtime compares in float32: at IoU == float32(0.6) (e.g. 60/100)
+    torchvision suppresses and ONNX Runtime with 0.6 does not. The largest float32 <= the threshold
+    gives the same decision for every float32 IoU.
+    """
+    t32 = np.float32(iou_threshold)
+    if float(t32) > iou_threshold:
+        t32 = np.nextafter(t32, np.float32(-np.inf))
+    return float(t32)
+
+
 class _OnnxNMS(torch.autograd.Function):
     """ONNX ``NonMaxSuppression``: ``selected [K, 3]`` int64 rows (image, class, anchor).
 
@@ -91,7 +105,9 @@ class _OnnxNMS(torch.autograd.Function):
         g: Any, boxes: Any, scores: Any, max_per_class: int, iou_threshold: float, score_threshold: float
     ) -> Any:
         max_t = g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.int64))
-        iou_t = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
+        iou_t = g.op(
+            "Constant", value_t=torch.tensor([onnx_iou_threshold(iou_threshold)], dtype=torch.float32)
+        )
         score_t = g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float32))
         # center_point_box=0: corners; ONNX says (y1, x1, y2, x2) but IoU is symmetric in x/y, so xyxy works.
         return g.op("NonMaxSuppression", boxes, scores, max_t, iou_t, score_t, center_point_box_i=0)

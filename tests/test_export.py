@@ -255,3 +255,67 @@ def test_missing_optional_dependency_message():
 
     with pytest.raises(ImportError, match=r"pip install 'atssdet\[export\]'"):
         _require("onnx_not_installed_module")
+
+
+def test_onnx_nms_conventions_match_torchvision():
+    """ONNX Runtime's NonMaxSuppression vs torchvision.ops.nms on hand-made edge cases.
+
+    Suppression needs IoU > threshold: 0.61 is suppressed; at IoU exactly float32(0.6) = 60/100
+    torchvision (double threshold) suppresses, plain ONNX Runtime (float32 threshold) keeps, and the
+    threshold the export writes (:func:`onnx_iou_threshold`) restores torchvision's decision. Areas
+    have no +1 (two 10x10 boxes 1 px apart: IoU 90/110), zero-area duplicates never suppress each
+    other, and a score equal to the threshold is dropped (strict >).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from torchvision.ops import nms
+
+    from atssdet.export import onnx_iou_threshold
+
+    node = helper.make_node("NonMaxSuppression", ["boxes", "scores", "max", "iou", "thr"], ["sel"])
+    graph = helper.make_graph(
+        [node],
+        "nms",
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, None, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, None]),
+            helper.make_tensor_value_info("max", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("iou", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("thr", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("sel", TensorProto.INT64, [None, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def ort_keep(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+        feeds = {
+            "boxes": boxes[None],
+            "scores": scores[None, None],
+            "max": np.array([100], np.int64),
+            "iou": np.array([iou], np.float32),
+            "thr": np.array([0.05], np.float32),
+        }
+        return session.run(None, feeds)[0][:, 2].tolist()
+
+    cases = {
+        "iou_equal_threshold": ([[0, 0, 10, 10], [0, 0, 10, 6]], [0.9, 0.8], [0]),
+        "iou_above_threshold": ([[0, 0, 10, 10], [0, 0, 10, 6.1]], [0.9, 0.8], [0]),
+        "iou_below_threshold": ([[0, 0, 10, 10], [0, 0, 10, 5.9]], [0.9, 0.8], [0, 1]),
+        "no_plus_one": ([[0, 0, 10, 10], [1, 0, 11, 10]], [0.9, 0.8], [0]),
+        "zero_area_duplicates": ([[5, 5, 5, 5], [5, 5, 5, 5]], [0.9, 0.8], [0, 1]),
+        "score_at_threshold": ([[0, 0, 1, 1], [5, 5, 6, 6]], [0.5, 0.05], [0]),
+    }
+    for name, (box_list, score_list, expected) in cases.items():
+        boxes = np.array(box_list, np.float32)
+        scores = np.array(score_list, np.float32)
+        above = torch.from_numpy(scores) > 0.05
+        kept = nms(torch.from_numpy(boxes)[above], torch.from_numpy(scores)[above], 0.6)
+        assert above.nonzero().flatten()[kept].tolist() == expected, name
+        assert ort_keep(boxes, scores, onnx_iou_threshold(0.6)) == expected, name
+    assert ort_keep(
+        np.array([[0, 0, 10, 10], [0, 0, 10, 6]], np.float32), np.array([0.9, 0.8], np.float32), 0.6
+    ) == [0, 1]
+    assert onnx_iou_threshold(0.5) == 0.5 and onnx_iou_threshold(0.6) < 0.6
