@@ -86,7 +86,9 @@ def atss_assign(
     if gt_boxes_xyxy.dim() != 3 or gt_boxes_xyxy.shape[-1] != 4:
         raise ValueError(f"gt_boxes_xyxy must be [N, M, 4], got {tuple(gt_boxes_xyxy.shape)}")
     if tuple(gt_valid.shape) != tuple(gt_boxes_xyxy.shape[:2]):
-        raise ValueError(f"gt_valid must be [N, M] = {tuple(gt_boxes_xyxy.shape[:2])}, got {tuple(gt_valid.shape)}")
+        raise ValueError(
+            f"gt_valid must be [N, M] = {tuple(gt_boxes_xyxy.shape[:2])}, got {tuple(gt_valid.shape)}"
+        )
     if len(num_points_per_level) != len(strides) or sum(num_points_per_level) != points_xy.shape[0]:
         raise ValueError(
             f"num_points_per_level {tuple(num_points_per_level)} must have one entry per stride "

@@ -81,7 +81,9 @@ def pad_targets(
     return gt_boxes, gt_labels, gt_valid
 
 
-def atss_loss(output: ATSSOutput, targets: Sequence[Mapping[str, Tensor]], cfg: ATSSConfig) -> dict[str, Tensor]:
+def atss_loss(
+    output: ATSSOutput, targets: Sequence[Mapping[str, Tensor]], cfg: ATSSConfig
+) -> dict[str, Tensor]:
     """ATSS losses of raw predictions ``output`` (N images) against ``targets`` (one mapping per image).
 
     Args:
@@ -119,7 +121,9 @@ def atss_loss(output: ATSSOutput, targets: Sequence[Mapping[str, Tensor]], cfg: 
         topk=cfg.anchor_topk,
     )
     foreground = assignment.matched_gt >= 0  # [N, A]
-    matched_labels = torch.gather(gt_labels, 1, assignment.matched_gt.clamp(min=0)) if gt_labels.shape[1] else None
+    matched_labels = (
+        torch.gather(gt_labels, 1, assignment.matched_gt.clamp(min=0)) if gt_labels.shape[1] else None
+    )
     cls_targets = torch.zeros((n, a, c), dtype=torch.float32, device=device)
     if matched_labels is not None:
         image_idx, point_idx = foreground.nonzero(as_tuple=True)
@@ -165,7 +169,9 @@ def seed_training_losses(
         ``{"total_loss", "loss_cls", "loss_bbox", "loss_ctr"}`` as in MegEngine's ``ATSS.forward``.
     """
     device = next(model.parameters()).device
-    image_t = torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image).to(device).float()
+    image_t = (
+        torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image).to(device).float()
+    )
     info = torch.as_tensor(np.asarray(im_info) if not isinstance(im_info, Tensor) else im_info).to(device)
     gts = torch.as_tensor(np.asarray(gt_boxes) if not isinstance(gt_boxes, Tensor) else gt_boxes).to(device)
     if image_t.dim() != 4 or image_t.shape[1] != 3:

@@ -55,7 +55,9 @@ def _reference_assign(points: np.ndarray, counts: list[int], boxes: np.ndarray) 
             cand.extend(lo + order)
         cand_idx = np.array(cand)
         thr = ious[g, cand_idx].mean() + ious[g, cand_idx].std()
-        inside = (p[:, 0] - box[0] > 0) & (p[:, 1] - box[1] > 0) & (box[2] - p[:, 0] > 0) & (box[3] - p[:, 1] > 0)
+        inside = (
+            (p[:, 0] - box[0] > 0) & (p[:, 1] - box[1] > 0) & (box[2] - p[:, 0] > 0) & (box[3] - p[:, 1] > 0)
+        )
         mask = np.zeros(len(p), dtype=bool)
         mask[cand_idx] = True
         positive[g] = mask & (ious[g] >= thr) & inside
@@ -134,7 +136,11 @@ def test_tiny_box_gets_the_single_point_inside() -> None:
     # the candidates (its 64-px anchor contains the box), so it is the one positive.
     points, counts = _points_for(64, 64)
     result = atss_assign(
-        points, counts, STRIDES, torch.tensor([[[10.0, 10.0, 14.0, 14.0]]]), torch.ones(1, 1, dtype=torch.bool)
+        points,
+        counts,
+        STRIDES,
+        torch.tensor([[[10.0, 10.0, 14.0, 14.0]]]),
+        torch.ones(1, 1, dtype=torch.bool),
     )
     positives = (result.matched_gt[0] == 0).nonzero().flatten().tolist()
     assert len(positives) == 1
@@ -147,16 +153,26 @@ def test_tiny_image_levels_with_fewer_points_than_topk() -> None:
     # 32x32 input: p3 4x4, p4 2x2, p5..p7 1x1; MegEngine's topk fails there, we take every point.
     points, counts = _points_for(32, 32)
     assert counts == [16, 4, 1, 1, 1]
-    boxes = np.array([[0.0, 0.0, 32.0, 32.0], [3.0, 5.0, 20.0, 14.0], [17.0, 1.0, 31.0, 30.0]], dtype=np.float32)
-    result = atss_assign(points, counts, STRIDES, torch.from_numpy(boxes)[None], torch.ones(1, 3, dtype=torch.bool))
+    boxes = np.array(
+        [[0.0, 0.0, 32.0, 32.0], [3.0, 5.0, 20.0, 14.0], [17.0, 1.0, 31.0, 30.0]], dtype=np.float32
+    )
+    result = atss_assign(
+        points, counts, STRIDES, torch.from_numpy(boxes)[None], torch.ones(1, 3, dtype=torch.bool)
+    )
     expected = _reference_assign(points.numpy(), counts, boxes)
     np.testing.assert_array_equal(result.matched_gt[0].numpy(), expected)
     # 64x64: p5 has 4 points, p6 and p7 one each; these boxes do get positives.
     points, counts = _points_for(64, 64)
     assert counts == [64, 16, 4, 1, 1]
-    boxes = np.array([[2.0, 3.0, 30.0, 41.0], [20.0, 16.0, 62.0, 60.0], [40.0, 4.0, 47.0, 13.0]], dtype=np.float32)
-    result = atss_assign(points, counts, STRIDES, torch.from_numpy(boxes)[None], torch.ones(1, 3, dtype=torch.bool))
-    np.testing.assert_array_equal(result.matched_gt[0].numpy(), _reference_assign(points.numpy(), counts, boxes))
+    boxes = np.array(
+        [[2.0, 3.0, 30.0, 41.0], [20.0, 16.0, 62.0, 60.0], [40.0, 4.0, 47.0, 13.0]], dtype=np.float32
+    )
+    result = atss_assign(
+        points, counts, STRIDES, torch.from_numpy(boxes)[None], torch.ones(1, 3, dtype=torch.bool)
+    )
+    np.testing.assert_array_equal(
+        result.matched_gt[0].numpy(), _reference_assign(points.numpy(), counts, boxes)
+    )
     assert set(result.matched_gt[0].tolist()) == {-1, 0, 1, 2}
 
 
@@ -166,7 +182,9 @@ def test_zero_width_box_has_no_positives_and_finite_targets() -> None:
         points, counts, STRIDES, torch.tensor([[[40.0, 8.0, 40.0, 56.0]]]), torch.ones(1, 1, dtype=torch.bool)
     )
     assert bool((result.matched_gt == -1).all())
-    assert bool(torch.isfinite(result.target_ltrb).all()) and bool(torch.isfinite(result.target_ctrness).all())
+    assert bool(torch.isfinite(result.target_ltrb).all()) and bool(
+        torch.isfinite(result.target_ctrness).all()
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -177,8 +195,12 @@ def test_random_boxes_match_loop_reference(seed: int) -> None:
     wh = rng.uniform(2, 120, size=(12, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
     boxes[3] = boxes[2]  # a duplicate: the lower index must win
-    result = atss_assign(points, counts, STRIDES, torch.from_numpy(boxes)[None], torch.ones(1, 12, dtype=torch.bool))
-    np.testing.assert_array_equal(result.matched_gt[0].numpy(), _reference_assign(points.numpy(), counts, boxes))
+    result = atss_assign(
+        points, counts, STRIDES, torch.from_numpy(boxes)[None], torch.ones(1, 12, dtype=torch.bool)
+    )
+    np.testing.assert_array_equal(
+        result.matched_gt[0].numpy(), _reference_assign(points.numpy(), counts, boxes)
+    )
     assert not bool((result.matched_gt == 3).any())
 
 

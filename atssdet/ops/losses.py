@@ -15,7 +15,9 @@ from torchvision.ops import sigmoid_focal_loss as _tv_sigmoid_focal_loss
 GIOU_EPS = 1e-8
 
 
-def sigmoid_focal_loss_sum(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def sigmoid_focal_loss_sum(
+    logits: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
     """Summed sigmoid focal loss (Lin et al. 2017) of ``logits`` ``[..., C]`` against 0/1 ``targets`` ``[..., C]``.
 
     Per element ``-alpha_t * (1 - p_t) ** gamma * log(p_t)``; returns a scalar (sum over every element).
