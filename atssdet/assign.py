@@ -30,17 +30,23 @@ class ATSSAssignment(NamedTuple):
     target_ctrness: Tensor  # [N, A] float32 centerness of target_ltrb
 
 
-def _nearest_k_mask(distances: Tensor, k: int) -> Tensor:
-    """Boolean ``[..., P]`` mask of the ``k`` smallest ``distances`` ``[..., P]``, ties to the smaller index.
+def _nearest_k_indices(distances: Tensor, k: int) -> Tensor:
+    """Indices ``[..., k]`` of the ``k`` smallest ``distances`` ``[..., P]``, ties to the smaller index.
 
-    ``torch.topk`` does not specify which of equal values it returns, so the k-th value is found with
-    topk and the points equal to it are admitted in index order (a cumulative count) until k are taken.
+    ``torch.topk`` does not say which of equal values it returns. Only a tie across the k-th place
+    changes the chosen *set*, so rows with one (k-th value == (k+1)-th value) are redone with a stable
+    sort; the others keep topk's indices (order inside the set does not matter).
     """
-    kth = distances.topk(k, dim=-1, largest=False).values[..., k - 1 : k]  # [..., 1]
-    below = distances < kth
-    at_kth = distances == kth
-    room = k - below.sum(dim=-1, keepdim=True)
-    return below | (at_kth & (at_kth.cumsum(dim=-1) <= room))
+    if k >= distances.shape[-1]:
+        return torch.arange(distances.shape[-1], device=distances.device).expand(*distances.shape[:-1], -1)
+    values, indices = distances.topk(k + 1, dim=-1, largest=False, sorted=True)
+    indices = indices[..., :k]
+    tied = values[..., k - 1] == values[..., k]  # [...]
+    if bool(tied.any()):
+        stable = torch.sort(distances[tied], dim=-1, stable=True).indices[..., :k]
+        indices = indices.clone()
+        indices[tied] = stable
+    return indices
 
 
 @torch.no_grad()
@@ -113,58 +119,50 @@ def atss_assign(
     gt = gt_boxes_xyxy.to(device=device, dtype=work)  # [N, M, 4]
     valid = gt_valid.to(device=device, dtype=torch.bool)  # [N, M]
 
-    half = torch.cat(
+    # Candidates: per level the topk points nearest the gt centre. Squared distances (monotone in
+    # the distance) are exact in float64 for float32 inputs, so grid ties are true ties.
+    centres = (gt[..., :2] + gt[..., 2:]) / 2  # [N, M, 2]
+    dx = centres[..., 0, None] - points[:, 0]
+    dy = centres[..., 1, None] - points[:, 1]
+    distances = dx * dx + dy * dy  # [N, M, A]
+    candidate_idx_list = []
+    start = 0
+    for count in num_points_per_level:
+        if count > 0:
+            level = distances[..., start : start + count]
+            candidate_idx_list.append(_nearest_k_indices(level, min(topk, count)) + start)
+        start += count
+    candidate_idx = torch.cat(candidate_idx_list, dim=-1)  # [N, M, K], K = sum_l min(topk, n_l)
+
+    # Everything else only needs the K candidates of each gt.
+    half_side = torch.cat(
         [
             torch.full((count,), anchor_scale * s / 2.0, dtype=work, device=device)
             for count, s in zip(num_points_per_level, strides, strict=True)
         ]
-    )  # [A]
-    anchors = torch.cat((points - half[:, None], points + half[:, None]), dim=1)  # [A, 4]
-
-    # IoU of every gt with every virtual anchor: [N, M, A].
+    )[candidate_idx]  # [N, M, K]
+    cand_x = points[:, 0][candidate_idx]
+    cand_y = points[:, 1][candidate_idx]
     gx1, gy1, gx2, gy2 = (gt[..., i, None] for i in range(4))  # each [N, M, 1]
-    inter_w = (torch.minimum(gx2, anchors[:, 2]) - torch.maximum(gx1, anchors[:, 0])).clamp(min=0)
-    inter_h = (torch.minimum(gy2, anchors[:, 3]) - torch.maximum(gy1, anchors[:, 1])).clamp(min=0)
+    inter_w = (torch.minimum(gx2, cand_x + half_side) - torch.maximum(gx1, cand_x - half_side)).clamp(min=0)
+    inter_h = (torch.minimum(gy2, cand_y + half_side) - torch.maximum(gy1, cand_y - half_side)).clamp(min=0)
     inter = inter_w * inter_h
-    gt_area = (gx2 - gx1) * (gy2 - gy1)
-    anchor_area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-    ious = inter / (gt_area + anchor_area - inter)
+    anchor_area = (2 * half_side) * (2 * half_side)
+    ious = inter / ((gx2 - gx1) * (gy2 - gy1) + anchor_area - inter)  # [N, M, K]
 
-    # Squared distance gt centre -> point (monotone in the distance, exact in float64 for float32 inputs).
-    dx = (gx1 + gx2) / 2 - points[:, 0]
-    dy = (gy1 + gy2) / 2 - points[:, 1]
-    distances = dx * dx + dy * dy  # [N, M, A]
+    mean = ious.mean(dim=-1, keepdim=True)
+    std = torch.sqrt(((ious - mean) ** 2).mean(dim=-1, keepdim=True))  # population std (ddof 0)
+    # min(ltrb) > 0 <=> strictly inside; comparing coordinates is exact where a subtraction might round.
+    inside = (cand_x > gx1) & (cand_y > gy1) & (gx2 > cand_x) & (gy2 > cand_y)
+    positive = (ious >= mean + std) & inside & valid[..., None]  # [N, M, K]
 
-    candidate = torch.cat(
-        [
-            _nearest_k_mask(level_distances, min(topk, level_distances.shape[-1]))
-            if level_distances.shape[-1] > 0
-            else torch.zeros(level_distances.shape, dtype=torch.bool, device=device)
-            for level_distances in distances.split(list(num_points_per_level), dim=-1)
-        ],
-        dim=-1,
-    )  # [N, M, A]
-
-    num_candidates = candidate.sum(dim=-1, keepdim=True).to(work)  # [N, M, 1]
-    candidate_ious = torch.where(candidate, ious, torch.zeros_like(ious))
-    mean = candidate_ious.sum(dim=-1, keepdim=True) / num_candidates
-    deviation = torch.where(candidate, ious - mean, torch.zeros_like(ious))
-    std = torch.sqrt((deviation * deviation).sum(dim=-1, keepdim=True) / num_candidates)  # ddof = 0
-    threshold = mean + std
-
-    px = points[:, 0]
-    py = points[:, 1]
-    # min(ltrb) > 0 <=> strictly inside; comparisons are exact where float subtraction might round.
-    inside = (px > gx1) & (py > gy1) & (gx2 > px) & (gy2 > py)
-    positive = candidate & (ious >= threshold) & inside & valid[..., None]  # [N, M, A]
-
-    # Highest IoU wins; background columns are all -1 so argmax picks the first valid gt (MegEngine's
-    # "gt 0"), and padding slots sit below that at -2. argmax returns the first maximum on ties.
-    scores = torch.where(positive, ious, torch.full_like(ious, -1.0))
-    scores = torch.where(valid[..., None], scores, torch.full_like(scores, -2.0))
-    best = scores.argmax(dim=1)  # [N, A]
-    is_fg = positive.any(dim=1)  # [N, A]
-    matched_gt = torch.where(is_fg, best, torch.full_like(best, -1))
+    # Highest IoU wins. Non-positive slots of real gts hold -1, padding slots -2, so a point without
+    # positives picks the first valid gt (MegEngine's argmax over a column of -1s picks gt 0);
+    # argmax returns the first maximum, so ties go to the lower gt index.
+    scores = torch.where(valid, -1.0, -2.0).to(work)[..., None].expand(n, m, a).clone()  # [N, M, A]
+    scores.scatter_(2, candidate_idx, torch.where(positive, ious, torch.full_like(ious, -1.0)))
+    best_score, best = scores.max(dim=1)  # [N, A]
+    matched_gt = torch.where(best_score > -1.0, best, torch.full_like(best, -1))
 
     matched_boxes = torch.gather(
         gt_boxes_xyxy.to(device=device, dtype=out_dtype), 1, best[..., None].expand(n, a, 4)

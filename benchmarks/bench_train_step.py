@@ -4,7 +4,8 @@ share of the ATSS step spent in ``atss_assign`` at 10 and 100 boxes per image.
     python benchmarks/bench_train_step.py [--repeats 5] [--height 512] [--width 640] [--device cpu]
 
 One step = forward + loss + backward + SGD step; both models random init, frozen BN, batch 2.
-Prints medians over ``--repeats`` timed steps (after one warm-up step).
+Prints medians over ``--repeats`` timed steps (after one warm-up step; ATSS, FCOS and the
+assignment alone take turns in every round).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -52,14 +54,18 @@ def freeze_like_atss(model: nn.Module) -> nn.Module:
     return model
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed_interleaved(fns: list[Callable[[], None]], repeats: int) -> list[float]:
+    """Median seconds per function; the functions take turns in every round so that load from
+    other processes on a shared machine hits them alike. One untimed warm-up round first."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def bench_one(
@@ -97,7 +103,8 @@ def bench_one(
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return timed(atss_step, repeats), timed(fcos_step, repeats), timed(assign_only, max(repeats, 10))
+    t_atss, t_fcos, t_assign = timed_interleaved([atss_step, fcos_step, assign_only], repeats)
+    return t_atss, t_fcos, t_assign
 
 
 def main() -> None:
@@ -119,6 +126,9 @@ def main() -> None:
     fcos = freeze_like_atss(fcos_resnet50_fpn(weights=None, weights_backbone=None)).to(device).train()
     fcos_opt = torch.optim.SGD([p for p in fcos.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
+    # torchvision resizes inside its transform; pin it to the input size so both see the same pixels.
+    fcos.transform.min_size = (min(args.height, args.width),)  # type: ignore[union-attr]
+    fcos.transform.max_size = max(args.height, args.width)  # type: ignore[union-attr]
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"batch 2 x {args.height}x{args.width}, median of {args.repeats}"
