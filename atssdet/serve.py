@@ -349,12 +349,13 @@ def parse_classes(text: str | None, class_names: Sequence[str]) -> tuple[int, ..
 class _BodyLimit:
     """ASGI middleware: request bodies over ``max_bytes`` get 413 JSON (declared or streamed size)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_mb: float) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_bytes = int(max_mb * 2**20)
+        self.max_mb = max_mb
 
     def _message(self) -> str:
-        return f"request body larger than the {self.max_bytes / 2**20:g} MB upload limit"
+        return f"request body larger than the {self.max_mb:g} MB upload limit"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -479,7 +480,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.batcher = batcher
-    app.add_middleware(_BodyLimit, max_bytes=int(max_upload_mb * 2**20))
+    app.add_middleware(_BodyLimit, max_mb=max_upload_mb)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -640,6 +641,10 @@ def load_serving_model(
 
     if model_name is None and weights is None:
         raise ValueError("give --model NAME, --weights FILE, or both")
+    overrides = overrides or {}
+    bad = sorted(k for k in overrides if not k.startswith("test_"))
+    if bad:
+        raise ValueError(f"serve --set changes inference settings (test_*) only, not {', '.join(bad)}")
     if model_name is not None:
         model = load(model_name, pretrained=weights is None, weights=weights)
         name = model_name
@@ -657,10 +662,6 @@ def load_serving_model(
         model = build_model(file_cfg)
         load_weights(model, weights)
         name = Path(weights).name.split(".")[0]
-    overrides = overrides or {}
-    bad = sorted(k for k in overrides if not k.startswith("test_"))
-    if bad:
-        raise ValueError(f"serve --set changes inference settings (test_*) only, not {', '.join(bad)}")
     cfg = with_overrides(model.cfg, overrides) if overrides else model.cfg
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(dev).eval(), cfg, name
