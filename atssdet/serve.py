@@ -42,7 +42,7 @@ from atssdet.batching import group_by_padded_size, padded_size
 from atssdet.config import ATSSConfig
 from atssdet.data.image_io import ImageReadError, decode_image
 from atssdet.data.transforms import images_to_batch, resize_shortest_edge
-from atssdet.modeling.atss import ATSS
+from atssdet.modeling.atss import ATSS, ATSSOutput
 from atssdet.postprocess import Detections, postprocess
 
 # Leading bytes of the formats OpenCV decodes: an upload that starts like one of these but does not
@@ -102,20 +102,25 @@ def _detect_batch(
             # Pad the batch to the group's common /32 size here (the model would pad the same way).
             batch = torch.nn.functional.pad(batch, (0, pw - batch.shape[-1], 0, ph - batch.shape[-2]))
             output = model(batch)
-            image_hw = torch.tensor([resized_hw[i] for i in group], dtype=torch.float32)  # [G, 2]
-            orig_hw = torch.tensor([images[i].shape[:2] for i in group], dtype=torch.float32)  # [G, 2]
-            dets = postprocess(
-                output,
-                image_hw,
-                orig_hw,
-                score_threshold=score_threshold,
-                nms_threshold=cfg.test_nms,
-                max_detections=cfg.test_max_boxes_per_image,
-                class_agnostic=class_agnostic,
-                classes=class_ids,
-            )
+            # Post-process image by image: torchvision's batched_nms loops over its groups (image x
+            # class) scanning all candidates each time, so one call over G images costs ~G^2.
             for j, i in enumerate(group):
-                d = dets[j]
+                (d,) = postprocess(
+                    ATSSOutput(
+                        output.cls_logits[j : j + 1],
+                        output.box_ltrb[j : j + 1],
+                        output.ctr_logits[j : j + 1],
+                        output.points,
+                        output.num_points_per_level,
+                    ),
+                    torch.tensor([resized_hw[i]], dtype=torch.float32),  # [1, 2]
+                    torch.tensor([images[i].shape[:2]], dtype=torch.float32),  # [1, 2]
+                    score_threshold=score_threshold,
+                    nms_threshold=cfg.test_nms,
+                    max_detections=cfg.test_max_boxes_per_image,
+                    class_agnostic=class_agnostic,
+                    classes=class_ids,
+                )
                 results[i] = Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu())
     return [r for r in results if r is not None]
 
