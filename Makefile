@@ -6,7 +6,7 @@ PYTHON ?= python3
 
 .PHONY: setup chromium demo predict-sample test check lint typecheck pytest bench clean
 
-setup: $(VENV)/.installed chromium
+setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements-pinned.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ demo: setup
 		--out runs/predict-sample
 
 # The whole test suite: lint, type-check, tests.
-test: setup check
+test: setup chromium check
 
 check: lint typecheck pytest
 

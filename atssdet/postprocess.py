@@ -1,7 +1,7 @@
 """From raw dense predictions to detections, reproducing MegEngine's ``DetEvaluator.predict``.
 
-All images of a batch are handled in one vectorised pass (torchvision ``batched_nms`` keyed by
-image and class), no Python loop over classes or boxes.
+Each image is one vectorised pass (torchvision ``batched_nms`` keyed by class); no Python loop over
+classes or boxes.
 """
 
 from __future__ import annotations
@@ -78,22 +78,21 @@ def select_detections(
         keep_class = torch.zeros(c, dtype=torch.bool, device=scores.device)
         keep_class[classes.to(scores.device)] = True
         mask &= keep_class
-    img_idx, anchor_idx, cls_idx = mask.nonzero(as_tuple=True)
-    cand_scores = scores[img_idx, anchor_idx, cls_idx]
-    cand_boxes = boxes[img_idx, anchor_idx]
-    group = img_idx * (1 if class_agnostic else c) + (0 if class_agnostic else cls_idx)
-    keep = batched_nms(cand_boxes.float(), cand_scores.float(), group, nms_threshold)  # score-descending
-    # Class-major order within each image, stable so score order holds inside a class.
-    keep = keep[torch.sort(cls_idx[keep], stable=True).indices]
-    keep = keep[torch.sort(img_idx[keep], stable=True).indices]
-    kept_img = img_idx[keep]
-    counts = torch.bincount(kept_img, minlength=n).tolist()
     results: list[Detections] = []
-    for keep_i in torch.split(keep, counts):
-        if keep_i.numel() > max_detections:
-            order = torch.sort(cand_scores[keep_i], descending=True, stable=True).indices[:max_detections]
-            keep_i = keep_i[order]
-        results.append(Detections(cand_boxes[keep_i], cand_scores[keep_i], cls_idx[keep_i]))
+    # One batched_nms call per image: torchvision's CPU fallback loops over groups and scans every
+    # candidate each time, so a single call keyed by (image, class) would cost O(N^2) in images.
+    for i in range(n):
+        anchor_idx, cls_idx = mask[i].nonzero(as_tuple=True)
+        cand_scores = scores[i, anchor_idx, cls_idx]
+        cand_boxes = boxes[i, anchor_idx]
+        group = torch.zeros_like(cls_idx) if class_agnostic else cls_idx
+        keep = batched_nms(cand_boxes.float(), cand_scores.float(), group, nms_threshold)  # score-descending
+        # MegEngine lists survivors class by class; stable, so score order holds inside a class.
+        keep = keep[torch.sort(cls_idx[keep], stable=True).indices]
+        if keep.numel() > max_detections:
+            order = torch.sort(cand_scores[keep], descending=True, stable=True).indices[:max_detections]
+            keep = keep[order]
+        results.append(Detections(cand_boxes[keep], cand_scores[keep], cls_idx[keep]))
     return results
 
 
