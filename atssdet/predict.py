@@ -73,7 +73,8 @@ def predict_files(
     drawn (default ``cfg.test_vis_threshold``), and ``predictions.json`` (``{"model", "images": [...],
     "failed": [...]}``), or with ``coco=True`` ``predictions_coco.json`` (a COCO results list) plus
     ``images_coco.json`` (a COCO dataset skeleton: images + categories, for ``COCO(...).loadRes``).
-    Image ids are 1..N in input order unless ``coco_annotations`` (a COCO annotation file) is given,
+    Image ids are 1-based positions in the expanded input list (a failed file keeps its number
+    unused, so ids do not depend on which files fail) unless ``coco_annotations`` (a COCO annotation file) is given,
     which supplies the ids by file name. Unreadable or missing inputs are reported in
     ``PredictReport.failed`` and skipped.
     """
