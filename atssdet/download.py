@@ -65,8 +65,8 @@ def cache_status(entry: ZooEntry) -> str:
 def _manual_help(entry: ZooEntry) -> str:
     return (
         f"To install it by hand, download {entry.url} on a machine with internet access, then either "
-        f"pass the file directly (atssdet.load({entry.name!r}, weights=PATH), or --weights PATH on the "
-        f"command line) or copy it to {raw_path(entry)} (it is verified and converted on the next load). "
+        f"pass the file directly (atssdet.load({entry.name!r}, weights=PATH), or --model {entry.name} "
+        f"--weights PATH on the command line) or copy it to {raw_path(entry)} (it is verified and converted on the next load). "
         "Set ATSSDET_URL_BASE to download from a mirror."
     )
 

@@ -446,7 +446,7 @@ class Detector:
             classes=None if classes is None else torch.tensor(self.class_ids(classes), dtype=torch.long),
             flip_tta=flip_tta,
         )
-        # Images wait in per-size buckets until one is full; the cap bounds memory when sizes vary.
+        # Images wait in per-size buckets until one is full; results are released in input order.
         max_pending = 4 * batch_size
         buckets: dict[tuple[int, int], list[_Pending]] = {}
         done: dict[int, Detections] = {}
@@ -462,9 +462,11 @@ class Detector:
                 bucket.append(pending)
                 if len(bucket) >= batch_size:
                     done.update(self._run(buckets.pop(key), options))
-                elif sum(len(b) for b in buckets.values()) > max_pending:
-                    oldest = min(buckets, key=lambda k: buckets[k][0].index)
-                    done.update(self._run(buckets.pop(oldest), options))
+            # An image alone in its size bucket holds back the results after it (and, with
+            # keep_images, their pixels): past the cap, run the bucket holding the oldest image.
+            if buckets and sum(len(b) for b in buckets.values()) + len(done) > max_pending:
+                oldest = min(buckets, key=lambda k: buckets[k][0].index)
+                done.update(self._run(buckets.pop(oldest), options))
             while next_out in done:
                 yield done.pop(next_out)
                 next_out += 1

@@ -196,3 +196,35 @@ def test_expand_inputs(tmp_path: Path) -> None:
     files, failed = expand_inputs([str(tmp_path), str(tmp_path / "*.png"), str(tmp_path / "nope.jpg")])
     assert files == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
     assert failed == [(str(tmp_path / "nope.jpg"), f"{tmp_path / 'nope.jpg'}: no such file or folder")]
+
+
+def test_batches_group_same_size_and_bound_waiting(
+    detector: Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[list[int]] = []
+
+    def fake_run(items, options):  # record the schedule instead of running the model
+        batches.append([it.index for it in items])
+        empty = (torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        return {it.index: Detections(*empty, source=it.source) for it in items}
+
+    monkeypatch.setattr(detector, "_run", fake_run)
+    reads: list[int] = []
+
+    def images():
+        for i in range(30):
+            reads.append(i)
+            # At 160/256: 100x150 -> 160x240 (padded 160x256), 200x150 -> 213x160 (padded 224x160).
+            yield np.zeros((100 if i in (0, 17) else 200, 150, 3), np.uint8)
+
+    stream = detector.iter_predict(images(), batch_size=2)
+    first = next(stream)
+    # Image 0 is alone in its size: it must not hold everything behind it until the end.
+    assert first.source == "<array 0>" and len(reads) <= 4 * 2 + 1
+    rest = list(stream)
+    assert [r.source for r in rest] == [f"<array {i}>" for i in range(1, 30)]
+    odd = {0, 17}
+    for batch in batches:
+        assert 1 <= len(batch) <= 2
+        assert all(i in odd for i in batch) or not any(i in odd for i in batch)
+    assert sorted(i for b in batches for i in b) == list(range(30))
