@@ -73,10 +73,10 @@ def predict_files(
     drawn (default ``cfg.test_vis_threshold``), and ``predictions.json`` (``{"model", "images": [...],
     "failed": [...]}``), or with ``coco=True`` ``predictions_coco.json`` (a COCO results list) plus
     ``images_coco.json`` (a COCO dataset skeleton: images + categories, for ``COCO(...).loadRes``).
-    Image ids are 1-based positions in the expanded input list (a failed file keeps its number
-    unused, so ids do not depend on which files fail) unless ``coco_annotations`` (a COCO annotation file) is given,
-    which supplies the ids by file name. Unreadable or missing inputs are reported in
-    ``PredictReport.failed`` and skipped.
+    Image ids are 1-based positions in the expanded input list (a failed file leaves its number
+    unused, so ids do not depend on which files fail), unless ``coco_annotations`` (a COCO
+    annotation file) is given, which supplies the ids by file name. Unreadable or missing inputs are
+    reported in ``PredictReport.failed`` and skipped.
     """
     from tqdm import tqdm
 
@@ -486,6 +486,10 @@ class Detector:
                 return self._error_result(source, str(exc))
             keep_image = True
         else:
+            if not isinstance(item, (str, os.PathLike)):
+                raise TypeError(
+                    f"input {index}: expected a file path or a BGR uint8 numpy array, got {type(item).__name__}"
+                )
             source = os.fspath(item)
             try:
                 image = read_image(source)

@@ -58,10 +58,11 @@ def test_matches_megengine_and_seed_evaluator(
 
 def test_batch_size_does_not_change_results(detector: Detector, reference_dir: Path, r18_outputs) -> None:
     rng = np.random.default_rng(0)
+    # Two padded sizes at 160/256 (portrait 224x160, landscape 160x256) so batches are mixed and split.
     images = [
         str(reference_dir / "cat.jpg"),
         r18_outputs["synth_600x900__image"],
-        str(reference_dir / "synth_1000x700.png"),
+        str(reference_dir / "synth_600x900.png"),
         rng.integers(0, 256, (90, 140, 3), dtype=np.uint8),
         r18_outputs["cat__image"],
     ]
@@ -75,6 +76,7 @@ def test_batch_size_does_not_change_results(detector: Detector, reference_dir: P
     # cat.jpg decoded here and the stored cv2 decoding of it are the same pixels: same detections.
     assert_same_detections(one[0], one[4])
     assert one[0].source.endswith("cat.jpg") and one[4].source == "<array 4>"
+    assert_same_detections(one[1], one[2])
     assert one[3].image_hw == (90, 140)
     assert one[4].image is images[4] and one[0].image is None  # arrays kept for plot(), files not
 
@@ -91,6 +93,10 @@ def test_unreadable_inputs_are_reported_and_skipped(detector: Detector, tmp_path
     assert "missing.png" in (results[2].error or "")
     assert "<array 3>" in (results[3].error or "") and "uint8" in (results[3].error or "")
     assert len(results[1]) == 100
+    with pytest.raises(
+        TypeError, match="input 0: expected a file path or a BGR uint8 numpy array, got Tensor"
+    ):
+        detector.predict([torch.zeros(3, 8, 8)])
 
 
 def test_options_classes_agnostic_and_thresholds(
@@ -125,15 +131,12 @@ def test_unflip_boxes_hand_computed() -> None:
     assert out.tolist() == [[[70.0, 20.0, 90.0, 40.0], [0.0, 0.0, 100.0, 5.0]]]
 
 
-def test_flip_tta_is_mirror_symmetric(detector: Detector, r18_outputs) -> None:
-    image = r18_outputs["synth_600x900__image"]
+def test_flip_tta_is_mirror_symmetric(detector: Detector, cat_result: Detections, r18_outputs) -> None:
+    image = r18_outputs["cat__image"]
     mirrored = np.ascontiguousarray(image[:, ::-1])
-    plain, tta, tta_mirrored = (
-        detector.predict([image])[0],
-        *detector.predict([image, mirrored], flip_tta=True),
-    )
+    tta, tta_mirrored = detector.predict([image, mirrored], flip_tta=True)
     # TTA pools the plain pass's candidates with the flipped pass's, so its best score can only grow.
-    assert tta.scores.max() >= plain.scores.max()
+    assert tta.scores.max() >= cat_result.scores.max() - 1e-5  # batch of 2 vs 1: last-bit rounding
     # Running TTA on the mirrored image sees the same two views: mirrored results.
     w = image.shape[1]
     assert tta.labels.tolist() == tta_mirrored.labels.tolist()
