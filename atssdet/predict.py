@@ -35,11 +35,12 @@ from typing import Any, TypeAlias
 import cv2
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from atssdet.config import COCO_CLASSES, ATSSConfig
 from atssdet.data.image_io import ImageReadError, read_image
 from atssdet.data.transforms import images_to_batch, resize_shortest_edge
+from atssdet.export import OnnxDetector
 from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY
 from atssdet.postprocess import Detections, dense_scores_and_boxes, select_detections
 
@@ -290,14 +291,19 @@ class Detector:
 
     def __init__(
         self,
-        model: ATSS,
+        model: ATSS | OnnxDetector,
         *,
         device: str | torch.device | None = None,
         short_size: int | None = None,
         max_size: int | None = None,
     ) -> None:
-        self.device = select_device(device)
-        self.model = model.to(self.device).eval()
+        self.model: ATSS | OnnxDetector
+        if isinstance(model, nn.Module):
+            self.device = select_device(device)
+            self.model = model.to(self.device).eval()
+        else:  # an exported ONNX file run by ONNX Runtime; batches are built on the CPU
+            self.device = torch.device("cpu")
+            self.model = model
         self.cfg: ATSSConfig = model.cfg
         self.short_size = int(short_size if short_size is not None else self.cfg.test_image_short_size)
         self.max_size = int(max_size if max_size is not None else self.cfg.test_image_max_size)
@@ -329,15 +335,29 @@ class Detector:
         short_size: int | None = None,
         max_size: int | None = None,
     ) -> Detector:
-        """Weights from ``path`` (.safetensors, MegEngine .pkl/.pkl.gz, .pt/.pth).
+        """Weights from ``path`` (.safetensors, MegEngine .pkl/.pkl.gz, .pt/.pth) or an exported ``.onnx``.
 
         ``model`` is a zoo name or an :class:`ATSSConfig`. It may be omitted for an atssdet
         ``.safetensors`` file, which carries its config in its metadata; other formats need it.
+        An ``.onnx`` file from ``atssdet export`` carries its config too and runs in ONNX Runtime
+        (``device`` "cpu" or "cuda"); results are the same :class:`Detections`.
         """
         from atssdet.convert import CheckpointError, load_weights, read_checkpoint_config
         from atssdet.modeling.atss import build_model
         from atssdet.zoo import ZOO, get_entry
 
+        if Path(path).suffix == ".onnx":
+            from atssdet.export import OnnxDetector
+
+            if not Path(path).is_file():
+                raise CheckpointError(f"{path}: no such file")
+            det = cls(
+                OnnxDetector(path, device=None if device is None else str(device)),
+                short_size=short_size,
+                max_size=max_size,
+            )
+            det.weights = str(path)
+            return det
         if isinstance(model, ATSSConfig):
             cfg = model
         elif isinstance(model, str):
@@ -509,28 +529,50 @@ class Detector:
             error=message,
         )
 
+    def _dense(self, batch: Tensor, image_hw: Tensor, orig_hw: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense scores ``[N, A, C]`` and boxes ``[N, A, 4]`` (original pixels) from PyTorch or ONNX Runtime."""
+        if isinstance(self.model, OnnxDetector):
+            return self.model.dense(batch, image_hw, orig_hw)
+        return dense_scores_and_boxes(self.model(batch), image_hw, orig_hw)
+
     def _run(self, items: list[_Pending], options: _Options) -> dict[int, Detections]:
         """Detect on images that share a padded size: one forward pass (two with flip TTA)."""
         image_hw = torch.tensor([it.resized.shape[:2] for it in items], dtype=torch.float32)
         orig_hw = torch.tensor([it.image.shape[:2] for it in items], dtype=torch.float32)
         with torch.inference_mode():
             batch = images_to_batch([it.resized for it in items], device=self.device)
-            scores, boxes = dense_scores_and_boxes(self.model(batch), image_hw, orig_hw)  # [N,A,C], [N,A,4]
-            if options.flip_tta:
-                flipped = images_to_batch([cv2.flip(it.resized, 1) for it in items], device=self.device)
-                scores_f, boxes_f = dense_scores_and_boxes(self.model(flipped), image_hw, orig_hw)
-                boxes_f = unflip_boxes(boxes_f, orig_hw[:, 1, None].to(boxes_f.device))
-                scores = torch.cat((scores, scores_f), dim=1)
-                boxes = torch.cat((boxes, boxes_f), dim=1)
-            dets = select_detections(
-                scores,
-                boxes,
-                score_threshold=options.score_threshold,
-                nms_threshold=options.nms_threshold,
-                max_detections=options.max_detections,
-                class_agnostic=options.class_agnostic,
-                classes=options.classes,
-            )
+            if isinstance(self.model, OnnxDetector) and self.model.with_nms:
+                if options.flip_tta:
+                    raise ValueError(
+                        f"{self.weights}: flip TTA needs an ONNX file exported without --with-nms"
+                    )
+                dets = self.model.predict_batch(
+                    batch,
+                    image_hw,
+                    orig_hw,
+                    score_threshold=options.score_threshold,
+                    nms_threshold=options.nms_threshold,
+                    max_detections=options.max_detections,
+                    class_agnostic=options.class_agnostic,
+                    classes=options.classes,
+                )
+            else:
+                scores, boxes = self._dense(batch, image_hw, orig_hw)  # [N,A,C], [N,A,4]
+                if options.flip_tta:
+                    flipped = images_to_batch([cv2.flip(it.resized, 1) for it in items], device=self.device)
+                    scores_f, boxes_f = self._dense(flipped, image_hw, orig_hw)
+                    boxes_f = unflip_boxes(boxes_f, orig_hw[:, 1, None].to(boxes_f.device))
+                    scores = torch.cat((scores, scores_f), dim=1)
+                    boxes = torch.cat((boxes, boxes_f), dim=1)
+                dets = select_detections(
+                    scores,
+                    boxes,
+                    score_threshold=options.score_threshold,
+                    nms_threshold=options.nms_threshold,
+                    max_detections=options.max_detections,
+                    class_agnostic=options.class_agnostic,
+                    classes=options.classes,
+                )
         out: dict[int, Detections] = {}
         for it, d in zip(items, dets, strict=True):
             out[it.index] = Detections(

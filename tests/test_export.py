@@ -18,6 +18,7 @@ from atssdet.config import COCO_CLASSES, ATSSConfig
 from atssdet.data.transforms import images_to_batch
 from atssdet.postprocess import Detections, dense_scores_and_boxes, select_detections
 from tests.conftest import R18, run_cli
+from tests.helpers import assert_dets_match
 
 pytest.importorskip("onnx", reason="onnx is an optional extra (pip install atssdet[export])")
 pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (pip install atssdet[export])")
@@ -319,3 +320,26 @@ def test_onnx_nms_conventions_match_torchvision():
         np.array([[0, 0, 10, 10], [0, 0, 10, 6]], np.float32), np.array([0.9, 0.8], np.float32), 0.6
     ) == [0, 1]
     assert onnx_iou_threshold(0.5) == 0.5 and onnx_iou_threshold(0.6) < 0.6
+
+
+def test_detector_and_cli_predict_run_onnx_files(r18_model, r18_outputs, dense_onnx, nms_onnx, tmp_path):
+    """`Detector.from_checkpoint(x.onnx)` and `predict --weights x.onnx` give PyTorch's detections."""
+    import cv2
+
+    from atssdet.predict import Detector
+
+    images = [r18_outputs[f"{name}__image"] for name in ("cat", "synth_600x900")]
+    ref = Detector(r18_model, device="cpu", short_size=160, max_size=256).predict(images, batch_size=2)
+    for path in (dense_onnx, nms_onnx):
+        det = Detector.from_checkpoint(path, short_size=160, max_size=256)
+        ours = det.predict(images, batch_size=2)
+        for a, b in zip(ours, ref, strict=True):
+            assert len(b) > 0 and a.names == b.names
+            assert_dets_match(a.to_array().numpy(), b.to_array().numpy(), score_tol=1e-4, box_tol=0.02)
+    with pytest.raises(ValueError, match="flip TTA"):
+        Detector.from_checkpoint(nms_onnx).predict(images[:1], flip_tta=True)
+    image_path = tmp_path / "cat.png"
+    cv2.imwrite(str(image_path), images[0])
+    result = run_cli("predict", str(image_path), "--weights", str(dense_onnx), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert any((tmp_path / "out").iterdir())
