@@ -38,12 +38,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from atssdet.batching import group_by_padded_size, padded_size
 from atssdet.config import ATSSConfig
 from atssdet.data.image_io import ImageReadError, decode_image
-from atssdet.data.transforms import images_to_batch, resize_shortest_edge
-from atssdet.modeling.atss import ATSS, ATSSOutput
-from atssdet.postprocess import Detections, postprocess
+from atssdet.modeling.atss import ATSS
+from atssdet.postprocess import Detections
+from atssdet.predict import Detector
 
 # Leading bytes of the formats OpenCV decodes: an upload that starts like one of these but does not
 # decode is corrupt (422); anything else is not an image format we know (415).
@@ -72,7 +71,7 @@ _IMAGE_SIGNATURES: tuple[bytes, ...] = (
 
 
 # --------------------------------------------------------------------------------------------------
-# Inference: the one function that turns images into detections (to be replaced by Detector.predict).
+# Inference: the one function that turns images into detections.
 
 
 def _detect_batch(
@@ -86,43 +85,25 @@ def _detect_batch(
 ) -> list[Detections]:
     """Detections (original pixels, on the CPU) for BGR uint8 images ``[H_i, W_i, 3]``, in order.
 
-    MegEngine's eval resize to ``cfg.test_image_short_size``/``test_image_max_size``; images are
-    grouped by padded input size so each gets exactly its batch-1 result (``DetEvaluator.predict``).
+    :meth:`atssdet.predict.Detector.predict` with ``cfg``'s test sizes and NMS settings: images are
+    grouped by padded input size, so each gets exactly its batch-1 result (``DetEvaluator.predict``).
     ``classes`` (label ids 0..C-1) keeps only those classes; ``class_agnostic`` runs one NMS over all.
     """
-    device = next(model.parameters()).device
-    resized = [resize_shortest_edge(im, cfg.test_image_short_size, cfg.test_image_max_size) for im in images]
-    resized_hw = [(int(r.shape[0]), int(r.shape[1])) for r in resized]
-    class_ids = None if classes is None else torch.tensor(list(classes), dtype=torch.long, device=device)
-    results: list[Detections | None] = [None] * len(images)
-    with torch.inference_mode():
-        for group in group_by_padded_size(resized_hw):
-            batch = images_to_batch([resized[i] for i in group], device=device)  # [G, 3, h, w]
-            ph, pw = padded_size(*resized_hw[group[0]])
-            # Pad the batch to the group's common /32 size here (the model would pad the same way).
-            batch = torch.nn.functional.pad(batch, (0, pw - batch.shape[-1], 0, ph - batch.shape[-2]))
-            output = model(batch)
-            # Post-process image by image: torchvision's batched_nms loops over its groups (image x
-            # class) scanning all candidates each time, so one call over G images costs ~G^2.
-            for j, i in enumerate(group):
-                (d,) = postprocess(
-                    ATSSOutput(
-                        output.cls_logits[j : j + 1],
-                        output.box_ltrb[j : j + 1],
-                        output.ctr_logits[j : j + 1],
-                        output.points,
-                        output.num_points_per_level,
-                    ),
-                    torch.tensor([resized_hw[i]], dtype=torch.float32),  # [1, 2]
-                    torch.tensor([images[i].shape[:2]], dtype=torch.float32),  # [1, 2]
-                    score_threshold=score_threshold,
-                    nms_threshold=cfg.test_nms,
-                    max_detections=cfg.test_max_boxes_per_image,
-                    class_agnostic=class_agnostic,
-                    classes=class_ids,
-                )
-                results[i] = Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu())
-    return [r for r in results if r is not None]
+    detector = Detector(
+        model,
+        device=next(model.parameters()).device,
+        short_size=cfg.test_image_short_size,
+        max_size=cfg.test_image_max_size,
+    )
+    return detector.predict(
+        images,
+        batch_size=len(images),
+        score_threshold=score_threshold,
+        nms_threshold=cfg.test_nms,
+        max_detections=cfg.test_max_boxes_per_image,
+        class_agnostic=class_agnostic,
+        classes=None if classes is None else list(classes),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
