@@ -360,8 +360,8 @@ def _image_entry_problem(img: Any) -> str | None:
     for key, check, expected in (
         ("id", _is_int, "an integer"),
         ("file_name", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-        ("height", lambda v: _is_int(v) and v > 0, "a positive integer"),
-        ("width", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("height", lambda v: _is_int(v) and 0 < v < 2**31, "a positive integer below 2**31"),
+        ("width", lambda v: _is_int(v) and 0 < v < 2**31, "a positive integer below 2**31"),
     ):
         if key not in img:
             where = f" (id {img['id']})" if _is_int(img.get("id")) else ""
