@@ -164,7 +164,11 @@ def test_clean_split_is_ok(tmp_path):
         ("[1, 2]", "bad_structure", "expected a JSON object, got list"),
         ('{"images": []}', "bad_structure", "missing top-level key 'categories'"),
         ('{"images": {}, "categories": []}', "bad_structure", "'images' must be a list, got dict"),
-        ('{"images": [], "categories": [], "annotations": 3}', "bad_structure", "'annotations' must be a list"),
+        (
+            '{"images": [], "categories": [], "annotations": 3}',
+            "bad_structure",
+            "'annotations' must be a list",
+        ),
         ('{"images": [', "unreadable_annotation_file", "not valid JSON"),
         (b"\xff\xfe\x00garbage", "unreadable_annotation_file", "not valid JSON"),
     ],

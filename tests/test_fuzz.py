@@ -23,6 +23,7 @@ from atssdet.data.check import CheckReport, check_dataset
 from atssdet.data.coco import COCODetection, DatasetError
 from atssdet.data.image_io import ImageReadError, decode_image
 
+
 # Bounded and reproducible: a fixed example sequence (derandomize), no per-example deadline (the
 # machine is shared), no example database.
 def fuzz(max_examples: int) -> settings:
@@ -33,6 +34,7 @@ def fuzz(max_examples: int) -> settings:
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
+
 
 # Arbitrary JSON values, including the awkward ones: NaN/inf, huge integers, bools, nesting.
 json_scalars = st.one_of(
@@ -104,7 +106,11 @@ def coco_documents(draw: st.DrawFn) -> Any:
     if draw(st.integers(0, 9)) == 0:
         return draw(json_values)  # not a COCO object at all
     doc: dict[str, Any] = {}
-    for key, strategy in (("images", images_st), ("categories", categories_st), ("annotations", annotations_st)):
+    for key, strategy in (
+        ("images", images_st),
+        ("categories", categories_st),
+        ("annotations", annotations_st),
+    ):
         if draw(st.integers(0, 9)) != 0:
             doc[key] = draw(_maybe(strategy))
     return doc
@@ -112,12 +118,16 @@ def coco_documents(draw: st.DrawFn) -> Any:
 
 def _valid_document() -> dict[str, Any]:
     return {
-        "images": [
-            {"id": i, "file_name": f"{i}.png", "height": 40 + i, "width": 50 + i} for i in (1, 2, 3)
-        ],
+        "images": [{"id": i, "file_name": f"{i}.png", "height": 40 + i, "width": 50 + i} for i in (1, 2, 3)],
         "categories": [{"id": 1, "name": "cat"}, {"id": 4, "name": "dog"}],
         "annotations": [
-            {"id": k, "image_id": 1 + k % 3, "category_id": (1, 4)[k % 2], "bbox": [1, 2, 10, 12], "iscrowd": 0}
+            {
+                "id": k,
+                "image_id": 1 + k % 3,
+                "category_id": (1, 4)[k % 2],
+                "bbox": [1, 2, 10, 12],
+                "iscrowd": 0,
+            }
             for k in range(5)
         ],
     }

@@ -43,9 +43,15 @@ PROBLEM_KINDS: dict[str, tuple[Severity, str]] = {
     "malformed_category": ("fatal", "category entry malformed (needs integer 'id' and string 'name')"),
     "duplicate_category_id": ("fatal", "duplicate category id"),
     "no_categories": ("fatal", "no categories"),
-    "malformed_image": ("fatal", "image entry malformed (needs integer 'id', 'file_name', positive 'height'/'width')"),
+    "malformed_image": (
+        "fatal",
+        "image entry malformed (needs integer 'id', 'file_name', positive 'height'/'width')",
+    ),
     "duplicate_image_id": ("fatal", "duplicate image id"),
-    "malformed_annotation": ("fatal", "annotation entry malformed (needs 'image_id', 'category_id', 'bbox' [x, y, w, h], 'iscrowd' 0/1)"),
+    "malformed_annotation": (
+        "fatal",
+        "annotation entry malformed (needs 'image_id', 'category_id', 'bbox' [x, y, w, h], 'iscrowd' 0/1)",
+    ),
     "nonfinite_box": ("fatal", "box holds NaN or inf"),
     "unknown_image_id": ("fatal", "annotation refers to an image id not in 'images'"),
     "unknown_category_id": ("fatal", "annotation refers to a category id not in 'categories'"),
@@ -58,9 +64,15 @@ PROBLEM_KINDS: dict[str, tuple[Severity, str]] = {
     "box_partly_outside": ("warning", "box extends beyond its image border (kept unclipped)"),
     "crowd_only_image": ("warning", "image whose only boxes are crowd boxes (skipped by training)"),
     "empty_image": ("warning", "image without any annotation (skipped by training)"),
-    "no_valid_box_image": ("warning", "image whose annotations are all degenerate or outside (skipped by training)"),
+    "no_valid_box_image": (
+        "warning",
+        "image whose annotations are all degenerate or outside (skipped by training)",
+    ),
     "duplicate_annotation_id": ("warning", "duplicate annotation id (pycocotools evaluation keeps only one)"),
-    "missing_annotation_id": ("warning", "annotation without an integer 'id' (pycocotools evaluation needs one)"),
+    "missing_annotation_id": (
+        "warning",
+        "annotation without an integer 'id' (pycocotools evaluation needs one)",
+    ),
     "duplicate_file_name": ("warning", "several image entries share a file name"),
     "unused_category": ("warning", "category without any valid box"),
     "no_annotations_key": ("warning", "no 'annotations' key (an unlabelled split, e.g. test-dev)"),
@@ -325,7 +337,16 @@ def _check_content(
     ann_ids: set[int] = set()
     for i, ann in enumerate(anns_raw or []):
         _check_annotation(
-            i, ann, images, categories, out, ann_ids, valid_boxes, any_boxes, per_category, crowd_images,
+            i,
+            ann,
+            images,
+            categories,
+            out,
+            ann_ids,
+            valid_boxes,
+            any_boxes,
+            per_category,
+            crowd_images,
             unknown_images_possible=images_raw is not None,
         )
     report.num_annotations = len(anns_raw or [])
@@ -391,7 +412,7 @@ def _check_annotation(
         return
     ann_id = ann.get("id")
     name = f"annotation id {ann_id}" if _is_int(ann_id) else f"annotations[{i}]"
-    if not _is_int(ann_id):
+    if ann_id is None or not _is_int(ann_id):
         out.add("missing_annotation_id", f"annotations[{i}]: id {_short(ann_id)}")
     elif ann_id in ann_ids:
         out.add("duplicate_annotation_id", f"annotation id {ann_id} (annotations[{i}])")
@@ -413,6 +434,7 @@ def _check_annotation(
     if bad:
         out.add("malformed_annotation", f"{name}: {', '.join(bad)}")
         return
+    image_id, cat_id, bbox = int(ann["image_id"]), int(ann["category_id"]), list(ann["bbox"])
     where = f"{name} (image {image_id})"
     entry = images.get(image_id)
     if entry is None:

@@ -180,9 +180,7 @@ def decode_image(data: bytes, *, source: str = "<bytes>", max_pixels: int | None
     if image is None:
         if fmt is None:
             head = data[:8]
-            raise ImageReadError(
-                f"{source}: not an image (unrecognised file content starting with {head!r})"
-            )
+            raise ImageReadError(f"{source}: not an image (unrecognised file content starting with {head!r})")
         if fmt == "PNG" and data.rfind(b"IEND") < 0:
             raise ImageReadError(f"{source}: truncated PNG (no IEND chunk; {len(data)} bytes)")
         raise ImageReadError(f"{source}: corrupt or truncated {fmt} data (OpenCV cannot decode it)")
