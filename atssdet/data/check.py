@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
+
 from atssdet.data.coco import DatasetError
 from atssdet.data.image_io import ImageReadError, read_image
 
@@ -151,15 +153,14 @@ class CheckReport:
             if shown:
                 lines.append(f"          first: {shown}{more}")
         if self.class_counts:
-            counts = [n for _, n in self.class_counts.values()]
             parts = ", ".join(f"{name} {n}" for name, n in self.class_counts.values())
             lines.append(f"class balance (valid boxes): {parts}")
-            positive = [n for n in counts if n > 0]
-            if positive:
-                lines.append(
-                    f"  most/least frequent class: {max(positive)}/{min(positive)} = "
-                    f"{max(positive) / min(positive):.1f}x"
-                )
+            (big_name, big), (small_name, small) = (
+                max(self.class_counts.values(), key=lambda c: c[1]),
+                min(self.class_counts.values(), key=lambda c: c[1]),
+            )
+            ratio = f" = {big / small:.1f}x" if small > 0 else ""
+            lines.append(f"  largest/smallest class: {big_name} {big} / {small_name} {small}{ratio}")
         nf, nw = len(self.fatal), len(self.warnings)
         verdict = "FAILED" if nf else "OK"
         lines.append(f"{verdict}: {nf} fatal problem kind(s), {nw} warning kind(s)")
@@ -476,16 +477,15 @@ def _check_files(
     entries = sorted(images.values(), key=lambda e: e.image_id)
     task: Callable[[Path, _Image], tuple[str, str] | None] = _read_one if read_images else _stat_one
     workers = num_workers or min(8, os.cpu_count() or 1)
-    from tqdm import tqdm
 
     results: list[tuple[str, str] | None] = []
-    with (
-        ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(entries), desc="checking images", unit="img", disable=not progress) as bar,
-    ):
-        for result in pool.map(lambda e: task(root, e), entries):
-            results.append(result)
-            bar.update(1)
+    # OpenCV logs its own decoder complaints to stderr; the report already names each bad file.
+    log_level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        _map_with_progress(task, root, entries, workers, progress, results)
+    finally:
+        cv2.utils.logging.setLogLevel(log_level)
     read = 0
     for result in results:
         if result is None:
@@ -494,6 +494,25 @@ def _check_files(
             out.add(*result)
             read += result[0] == "size_mismatch"
     return read if read_images else 0
+
+
+def _map_with_progress(
+    task: Callable[[Path, _Image], tuple[str, str] | None],
+    root: Path,
+    entries: list[_Image],
+    workers: int,
+    progress: bool,
+    results: list[tuple[str, str] | None],
+) -> None:
+    from tqdm import tqdm
+
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(entries), desc="checking images", unit="img", disable=not progress) as bar,
+    ):
+        for result in pool.map(lambda e: task(root, e), entries):
+            results.append(result)
+            bar.update(1)
 
 
 def _stat_one(root: Path, entry: _Image) -> tuple[str, str] | None:
