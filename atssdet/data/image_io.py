@@ -144,6 +144,9 @@ def _jpeg_is_truncated(data: bytes) -> bool:
     Entropy-coded data escapes 0xFF as 0xFF00, so 0xFFD9 after the last 0xFFDA is the real EOI; an
     EXIF thumbnail's own EOI lies before the main image's scans and does not count.
     """
+    tail = data[-64:]  # fast path: almost every JPEG ends with its EOI marker
+    if tail.rfind(b"\xff\xd9") > tail.rfind(b"\xff\xda"):
+        return False
     last_scan = data.rfind(b"\xff\xda")
     return last_scan < 0 or data.find(b"\xff\xd9", last_scan + 2) < 0
 
