@@ -35,6 +35,7 @@ def _write_everything_wrong(root: Path) -> tuple[Path, Path]:
     _png(images_dir / "boxes.png", 20, 30)
     _png(images_dir / "size.png", 10, 10)  # JSON says 20x30
     _png(images_dir / "allbad.png", 20, 30)
+    _png(root / "outside.png", 20, 30)
     (images_dir / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     img = lambda i, name: {"id": i, "file_name": name, "height": 20, "width": 30}  # noqa: E731
     data = {
@@ -56,6 +57,7 @@ def _write_everything_wrong(root: Path) -> tuple[Path, Path]:
             img(8, "boxes.png"),
             img(9, "ok.png"),  # duplicate file name
             img(10, "allbad.png"),
+            img(11, "../outside.png"),  # outside the image folder
         ],
         "annotations": [
             _ann(1, 1, 1, [1, 2, 10, 10]),
@@ -74,6 +76,7 @@ def _write_everything_wrong(root: Path) -> tuple[Path, Path]:
             {"id": 14, "image_id": 8, "category_id": 1, "bbox": [1, 2, 3]},  # malformed bbox
             _ann(15, 9, 1, [1, 2, 10, 10]),
             _ann(16, 10, 1, [1, 2, -4, 10]),  # the only box of image 10 is degenerate
+            _ann(17, 11, 1, [1, 2, 10, 10]),
         ],
     }
     ann = root / "ann.json"
@@ -102,6 +105,7 @@ EXPECTED = {
     "duplicate_annotation_id": ["annotation id 1"],
     "missing_annotation_id": ["annotations[12]"],
     "duplicate_file_name": ["'ok.png'"],
+    "file_outside_image_dir": ["image id 11"],
     "unused_category": ["category id 2"],
 }
 
@@ -119,9 +123,9 @@ def test_one_of_each_problem_is_reported(tmp_path):
             assert example.startswith(want), (code, example, want)
     assert "not this" not in found["unreadable_image"].examples[0]
     assert "JSON says 20x30" in found["size_mismatch"].examples[0]
-    assert report.num_images == 9 and report.num_annotations == 16 and report.num_categories == 2
-    # valid boxes: ann 1, 9 (partly outside, kept), 12, 13, 15, and 2, 3, 4 (image problems are per file)
-    assert report.class_counts == {1: ("cat", 8), 2: ("dog", 0)}
+    assert report.num_images == 10 and report.num_annotations == 17 and report.num_categories == 2
+    # valid boxes: ann 1, 9 (partly outside, kept), 12, 13, 15, 17, and 2, 3, 4 (image problems are per file)
+    assert report.class_counts == {1: ("cat", 9), 2: ("dog", 0)}
     assert not report.ok
     assert {p.code for p in report.fatal} == {c for c in EXPECTED if PROBLEM_KINDS[c][0] == "fatal"}
     with pytest.raises(DatasetCheckError, match="missing_file") as info:

@@ -76,6 +76,7 @@ PROBLEM_KINDS: dict[str, tuple[Severity, str]] = {
         "annotation without an integer 'id' (pycocotools evaluation needs one)",
     ),
     "duplicate_file_name": ("warning", "several image entries share a file name"),
+    "file_outside_image_dir": ("warning", "file_name is absolute or climbs out of the image folder ('..')"),
     "unused_category": ("warning", "category without any valid box"),
     "no_annotations_key": ("warning", "no 'annotations' key (an unlabelled split, e.g. test-dev)"),
 }
@@ -326,6 +327,9 @@ def _check_content(
             continue
         images[entry.image_id] = entry
         file_names[entry.file_name] += 1
+        name_path = Path(entry.file_name)
+        if name_path.is_absolute() or ".." in name_path.parts:
+            out.add("file_outside_image_dir", f"image id {entry.image_id}: {entry.file_name!r}")
     for name, n in file_names.items():
         if n > 1:
             out.add("duplicate_file_name", f"{name!r} x{n}")
