@@ -142,7 +142,8 @@ class CheckReport:
 
     def format(self, *, max_examples: int = 5) -> str:
         """The human-readable report (what ``atssdet data check`` prints)."""
-        lines = [f"{self.ann_file} (images in {self.image_dir})"]
+        where = f"images in {self.image_dir}" if self.image_dir is not None else "no image folder given"
+        lines = [f"{self.ann_file} ({where})"]
         lines.append(
             f"  {self.num_images} images, {self.num_annotations} annotations, {self.num_categories} "
             f"categories; {self.images_read} images read"
