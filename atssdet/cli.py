@@ -39,6 +39,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="dataset tools (synthetic data, ...)", description="Dataset tools.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     _add_data_synth(data_sub)
+    _add_data_check(data_sub)
 
 
 def _add_data_synth(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +96,46 @@ def _run_data_synth(args: argparse.Namespace) -> int:
     print(f"val:   {out.val_ann} (images in {out.val_images})")
     print(f"classes: {', '.join(out.class_names)}")
     return 0
+
+
+def _add_data_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="health check of a COCO-format annotation file and its images",
+        description="Report every problem of a COCO-format split (malformed entries, duplicate or unknown "
+        "ids, bad boxes, missing/unreadable images, size mismatches, crowd-only and empty images) with "
+        "counts and the first offending ids, plus the class balance. Exit status 1 if a fatal problem "
+        "is found (training refuses such a dataset), 0 otherwise.",
+    )
+    p.add_argument("ann_file", metavar="ANN_JSON", help="COCO instances JSON")
+    p.add_argument("--images", help="image folder (file_name is relative to it); omitted: no file checks")
+    p.add_argument("--json", metavar="REPORT", help="also write the report as JSON to this path")
+    p.add_argument("--max-examples", type=int, default=5, help="offending entries shown per problem")
+    p.add_argument("--no-images", action="store_true", help="only check that image files exist (no decoding)")
+    p.add_argument("--workers", type=int, help="image reading threads (default min(8, CPUs))")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_data_check)
+
+
+def _run_data_check(args: argparse.Namespace) -> int:
+    from atssdet.data.check import check_dataset, write_report_json
+
+    if args.max_examples < 0:
+        raise ValueError(f"--max-examples must be >= 0, got {args.max_examples}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    report = check_dataset(
+        args.ann_file,
+        args.images,
+        read_images=not args.no_images,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+        max_examples=args.max_examples,
+    )
+    print(report.format(max_examples=args.max_examples))
+    if args.json:
+        print(f"wrote {write_report_json(report, args.json)}")
+    return 1 if report.fatal else 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
