@@ -407,7 +407,13 @@ FUTURE_CLI_CASES: dict[str, tuple[Callable[[dict[str, str]], list[str]], list[st
         ["batch"],
     ),
     "cli-train-bad-set-key": (lambda d: ["train", "--set", "nonsense=1"], ["nonsense"]),
-    "cli-export-missing-weights": (lambda d: ["export", "--weights", d["root"] + "/nope.pt"], ["nope.pt"]),
+    "cli-export-missing-weights": (
+        lambda d: (
+            ["export", "--model", "atss_res18_coco_3x_800size", "--weights", d["root"] + "/nope.pt"]
+            + ["--out", d["root"] + "/x.onnx"]
+        ),
+        ["nope.pt"],
+    ),
     "cli-serve-missing-weights": (lambda d: ["serve", "--weights", d["root"] + "/nope.pt"], ["nope.pt"]),
 }
 
