@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from atssdet.batching import group_by_padded_size, padded_size
 from atssdet.config import COCO_CLASSES, ATSSConfig
 from atssdet.data.image_io import ImageReadError, read_image
 from atssdet.data.transforms import images_to_batch, resize_shortest_edge
 from atssdet.export import OnnxDetector
-from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY
+from atssdet.modeling.atss import ATSS
 from atssdet.postprocess import Detections, dense_scores_and_boxes, select_detections
 
 logger = logging.getLogger(__name__)
@@ -276,9 +277,10 @@ class _Options:
 class _Pending:
     index: int
     source: str
-    image: np.ndarray  # original BGR uint8 [H, W, 3]
+    image: np.ndarray | None  # original BGR uint8 [H, W, 3] (None when only its size is known)
     resized: np.ndarray  # BGR uint8 [h, w, 3]
     keep_image: bool
+    orig_hw: tuple[int, int]
 
 
 class Detector:
@@ -458,12 +460,12 @@ class Detector:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        options = _Options(
-            score_threshold=self.cfg.test_cls_threshold if score_threshold is None else score_threshold,
-            nms_threshold=self.cfg.test_nms if nms_threshold is None else nms_threshold,
-            max_detections=self.cfg.test_max_boxes_per_image if max_detections is None else max_detections,
+        options = self._options(
+            score_threshold=score_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
             class_agnostic=class_agnostic,
-            classes=None if classes is None else torch.tensor(self.class_ids(classes), dtype=torch.long),
+            classes=classes,
             flip_tta=flip_tta,
         )
         # Images wait in per-size buckets until one is full; results are released in input order.
@@ -476,8 +478,7 @@ class Detector:
             if isinstance(pending, Detections):
                 done[index] = pending
             else:
-                h, w = pending.resized.shape[:2]
-                key = (-(-h // SIZE_DIVISIBILITY), -(-w // SIZE_DIVISIBILITY))
+                key = padded_size(*pending.resized.shape[:2])
                 bucket = buckets.setdefault(key, [])
                 bucket.append(pending)
                 if len(bucket) >= batch_size:
@@ -495,6 +496,60 @@ class Detector:
         while next_out in done:
             yield done.pop(next_out)
             next_out += 1
+
+    def _options(
+        self,
+        *,
+        score_threshold: float | None,
+        nms_threshold: float | None,
+        max_detections: int | None,
+        class_agnostic: bool,
+        classes: Sequence[int | str] | None,
+        flip_tta: bool,
+    ) -> _Options:
+        return _Options(
+            score_threshold=self.cfg.test_cls_threshold if score_threshold is None else score_threshold,
+            nms_threshold=self.cfg.test_nms if nms_threshold is None else nms_threshold,
+            max_detections=self.cfg.test_max_boxes_per_image if max_detections is None else max_detections,
+            class_agnostic=class_agnostic,
+            classes=None if classes is None else torch.tensor(self.class_ids(classes), dtype=torch.long),
+            flip_tta=flip_tta,
+        )
+
+    def detect_resized(
+        self,
+        resized: Sequence[np.ndarray],
+        orig_hw: Sequence[tuple[int, int]],
+        *,
+        score_threshold: float | None = None,
+        nms_threshold: float | None = None,
+        max_detections: int | None = None,
+        class_agnostic: bool = False,
+        classes: Sequence[int | str] | None = None,
+        flip_tta: bool = False,
+    ) -> list[Detections]:
+        """Detections for images already resized by :func:`~atssdet.data.transforms.resize_shortest_edge`.
+
+        ``resized``: BGR uint8 ``[h_i, w_i, 3]``; ``orig_hw``: the original ``(H_i, W_i)`` that boxes
+        are mapped back to. Images run in batches of equal padded size (each as if alone); for
+        pipelines that resize in loader threads (evaluation). Options as in :meth:`iter_predict`.
+        """
+        options = self._options(
+            score_threshold=score_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
+            class_agnostic=class_agnostic,
+            classes=classes,
+            flip_tta=flip_tta,
+        )
+        items = [
+            _Pending(i, f"<image {i}>", None, r, False, (int(hw[0]), int(hw[1])))
+            for i, (r, hw) in enumerate(zip(resized, orig_hw, strict=True))
+        ]
+        done: dict[int, Detections] = {}
+        for group in group_by_padded_size([it.resized.shape[:2] for it in items]):
+            done.update(self._run([items[i] for i in group], options))
+        return [done[i] for i in range(len(items))]
 
     def _prepare(self, index: int, item: ImageInput, keep_image: bool) -> _Pending | Detections:
         """Read/validate one input and resize it; an unreadable one becomes an error result."""
@@ -516,7 +571,7 @@ class Detector:
             except ImageReadError as exc:
                 return self._error_result(source, str(exc))
         resized = resize_shortest_edge(image, self.short_size, self.max_size)
-        return _Pending(index, source, image, resized, keep_image)
+        return _Pending(index, source, image, resized, keep_image, (int(image.shape[0]), int(image.shape[1])))
 
     def _error_result(self, source: str, message: str) -> Detections:
         logger.warning("skipping %s", message)
@@ -538,7 +593,7 @@ class Detector:
     def _run(self, items: list[_Pending], options: _Options) -> dict[int, Detections]:
         """Detect on images that share a padded size: one forward pass (two with flip TTA)."""
         image_hw = torch.tensor([it.resized.shape[:2] for it in items], dtype=torch.float32)
-        orig_hw = torch.tensor([it.image.shape[:2] for it in items], dtype=torch.float32)
+        orig_hw = torch.tensor([it.orig_hw for it in items], dtype=torch.float32)
         with torch.inference_mode():
             batch = images_to_batch([it.resized for it in items], device=self.device)
             if isinstance(self.model, OnnxDetector) and self.model.with_nms:
@@ -580,7 +635,7 @@ class Detector:
                 d.scores.cpu(),
                 d.labels.cpu(),
                 class_names=self.cfg.class_names,
-                image_hw=(int(it.image.shape[0]), int(it.image.shape[1])),
+                image_hw=it.orig_hw,
                 source=it.source,
                 image=it.image if it.keep_image else None,
             )
