@@ -826,12 +826,12 @@ def train(
             bar.close()
         log.close()
 
-    if result.iteration == end_iter and main:
-        from atssdet.convert import save_safetensors
-
-        result.weights = save_safetensors(model.state_dict(), out / FINAL_WEIGHTS_NAME, cfg=cfg)
-        say(f"wrote {result.weights}")
     if result.iteration == end_iter:
         result.weights = out / FINAL_WEIGHTS_NAME
+        if main:
+            from atssdet.convert import save_safetensors
+
+            save_safetensors(model.state_dict(), result.weights, cfg=cfg)
+            say(f"wrote {result.weights}")
     distributed.barrier()
     return result

@@ -107,11 +107,17 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="module")
-def reference_run(dataset: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[train_mod.TrainResult, Path]:
-    """An uninterrupted 40-iteration run with checkpoints every 10 iterations."""
+def reference_run(
+    dataset: Any, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[train_mod.TrainResult, Path]:
+    """An uninterrupted 40-iteration run with checkpoints every 10 iterations and validation every 20."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("reference")
-    return run_tiny(dataset, out, max_iters=40, checkpoint_every=10), out
+    result = run_tiny(
+        dataset, out, max_iters=40, checkpoint_every=10, val_ann=dataset.val_ann,
+        val_images=dataset.val_images, eval_every=20,
+    )  # fmt: skip
+    return result, out
 
 
 def test_learning_rate_schedule_matches_megengine():
@@ -159,9 +165,19 @@ def test_loss_falls_by_half_and_files_are_written(reference_run):
     lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "total_loss" in r]
     assert [r["iteration"] for r in steps] == list(range(1, 41))
-    assert {"lr", "time", "data_time", "eta", "max_mem_mb", "loss_cls", "loss_bbox", "loss_ctr"} <= set(steps[0])
+    assert {"lr", "time", "data_time", "eta", "max_mem_mb", "loss_cls", "loss_bbox", "loss_ctr"} <= set(
+        steps[0]
+    )
     assert steps[-1]["total_loss"] == totals[-1]
     assert [r["event"] for r in lines if "event" in r].count("checkpoint") == 4
+
+    # Periodic validation (COCO mAP of the in-memory model) at 20 and at the end.
+    assert [e["iteration"] for e in result.evals] == [20, 40]
+    evals = [r for r in lines if r.get("event") == "eval"]
+    assert [r["iteration"] for r in evals] == [20, 40]
+    assert all(0.0 <= r["bbox/AP"] <= 1.0 or r["bbox/AP"] == -1.0 for r in evals)
+    assert (out / "eval" / "iter_00000040.results.json").is_file()
+    assert (out / "eval" / "iter_00000040.metrics.json").is_file()
 
 
 def dataset_classes() -> tuple[str, ...]:
@@ -205,7 +221,7 @@ def test_nan_loss_stops_naming_iteration_and_images(dataset, tmp_path, monkeypat
     for _ in range(4):
         next(batches)
     ids = sorted(ds.image_ids[i] for i, _ in next(batches))
-    assert f"non-finite loss at iteration 5 (" in message
+    assert "non-finite loss at iteration 5 (" in message
     assert "loss_bbox=nan" in message
     assert f"image ids {ids}" in message
     assert "iter_00000004.pt is untouched" in message

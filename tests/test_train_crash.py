@@ -31,7 +31,9 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"training exited ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"training exited ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"timed out waiting for {what}")
@@ -51,10 +53,30 @@ def test_sigkill_during_checkpoint_write_then_resume_auto(tmp_path):
     sets = [arg for key, value in TINY_OVERRIDES.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "atssdet", "train", "--model", "atss_res18_coco_3x_800size",
-            "--data", str(ds.train_ann), "--images", str(ds.train_images), "--out", str(out),
-            "--max-iters", "6", "--checkpoint-every", "2", "--workers", "0", "--device", "cpu",
-            "--no-progress", "--log-every", "1", *sets,
+            sys.executable,
+            "-m",
+            "atssdet",
+            "train",
+            "--model",
+            "atss_res18_coco_3x_800size",
+            "--data",
+            str(ds.train_ann),
+            "--images",
+            str(ds.train_images),
+            "--out",
+            str(out),
+            "--max-iters",
+            "6",
+            "--checkpoint-every",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--log-every",
+            "1",
+            *sets,
         ],  # fmt: skip
         cwd=REPO_ROOT,
         env=env,
@@ -63,7 +85,9 @@ def test_sigkill_during_checkpoint_write_then_resume_auto(tmp_path):
         text=True,
     )
     try:
-        _wait_for(lambda: any(out.glob(".iter_00000004.pt.*.tmp")), proc, "the checkpoint write of iteration 4")
+        _wait_for(
+            lambda: any(out.glob(".iter_00000004.pt.*.tmp")), proc, "the checkpoint write of iteration 4"
+        )
         # The temp file is fully written and fsynced; the rename has not happened yet.
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

@@ -103,7 +103,9 @@ def test_two_gloo_ranks_give_the_single_process_losses(tmp_path):
         torch.testing.assert_close(a["model"][key], value, rtol=1e-3, atol=5e-5)  # float32 sum order
 
 
-def _torchrun_train(root: Path, out: Path, env_extra: dict[str, str], timeout: float) -> tuple[int, str, float]:
+def _torchrun_train(
+    root: Path, out: Path, env_extra: dict[str, str], timeout: float
+) -> tuple[int, str, float]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
