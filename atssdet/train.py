@@ -499,6 +499,11 @@ def train(
     if amp and dev.type != "cuda":
         raise ValueError(f"--amp needs a CUDA device (got {dev}); mixed precision on CPU is not supported")
     world, rank, main = info.world_size, info.rank, info.is_main
+    if cfg.backbone_norm == "SyncBN" and world > 1 and dev.type != "cuda":
+        raise ValueError(
+            "backbone_norm=SyncBN needs CUDA devices under DDP (torch's SyncBatchNorm has no CPU kernel); "
+            "use BN, GN or FrozenBN on CPU"
+        )
     global_batch = batch_size * world
     out = Path(out_dir)
     if main:
