@@ -355,9 +355,9 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg = saved
     else:
         cfg = PRESETS["atss_res50_coco_3x_800size"]
-    if "backbone" in overrides and "fpn_in_channels" not in overrides:
-        from atssdet.config import BACKBONE_CHANNELS
+    from atssdet.config import BACKBONE_CHANNELS
 
+    if "fpn_in_channels" not in overrides and str(overrides.get("backbone")) in BACKBONE_CHANNELS:
         overrides["fpn_in_channels"] = list(BACKBONE_CHANNELS[str(overrides["backbone"])])
     cfg = with_overrides(cfg, overrides) if overrides else cfg
     train_ann, train_images = _train_split(args.data, args.images, args.split, flag="--data")
