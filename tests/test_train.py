@@ -345,3 +345,24 @@ def test_cli_train_rejects_bad_data_arguments(tmp_path, capsys):
     (tmp_path / "ann.json").write_text("{}")
     assert main(["train", "--data", str(tmp_path / "ann.json"), "--out", str(tmp_path / "o")]) == 2
     assert "give its image folder too" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_layout_or_config(dataset, reference_run, tmp_path):
+    """Resuming with another processes x batch layout or another config would not continue the same
+    run: refused, naming the difference."""
+    _, ref_out = reference_run
+    ckpt = ref_out / "iter_00000010.pt"
+    with pytest.raises(
+        ValueError, match=r"1 process\(es\) x batch 2; resume with the same layout \(now 1 x 1\)"
+    ):
+        run_tiny(dataset, tmp_path / "a", batch_size=1, max_iters=12, resume=ckpt)
+    other = with_overrides(TINY_CFG, {"head_num_convs": 2})
+    with pytest.raises(ValueError, match="head_num_convs: checkpoint 1, now 2"):
+        train(other, train_ann=dataset.train_ann, train_images=dataset.train_images, out_dir=tmp_path / "b",
+              max_iters=12, resume=ckpt, num_workers=0, progress=False, device="cpu")  # fmt: skip
+
+
+def test_keep_checkpoints_prunes_old_files(dataset, tmp_path):
+    result = run_tiny(dataset, tmp_path, max_iters=4, checkpoint_every=1, keep_checkpoints=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_00000004.pt", "iter_00000003.pt"]
+    assert (tmp_path / "last.pt").samefile(tmp_path / "iter_00000004.pt") and result.iteration == 4
