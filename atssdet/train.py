@@ -23,6 +23,7 @@ ends the job with :class:`~atssdet.distributed.DistributedError` instead of a ha
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import json
 import math
@@ -715,7 +716,7 @@ def train(
     data_iter = iter(loader)
     empty_image = torch.zeros((1, 3, 32, 32), device=dev)
     t_last = time.perf_counter()
-    step_times: list[float] = []
+    step_times: collections.deque[float] = collections.deque(maxlen=20)  # for the ETA
     try:
         for iteration in range(start_iter, end_iter):
             if stall is not None and stall[0] == rank and iteration == int(stall[1]):
@@ -788,8 +789,7 @@ def train(
             iter_time = now - t_last
             t_last = now
             step_times.append(iter_time)
-            recent = step_times[-20:]
-            eta = sum(recent) / len(recent) * (end_iter - done)
+            eta = sum(step_times) / len(step_times) * (end_iter - done)
             record = {"iteration": done, **dict(zip(LOSS_NAMES, mean_losses, strict=True)), "lr": lr}
             result.losses.append(record)
             result.iteration = done
