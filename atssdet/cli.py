@@ -599,6 +599,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="seconds before a stuck collective fails (default 1800)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per --log-every)")
+    p.add_argument(
+        "--data-check",
+        choices=("full", "quick", "off"),
+        default="full",
+        help="dataset health check before training (`data check`): full decodes every image, quick checks "
+        "the annotation file and that images exist; fatal problems stop training (default full)",
+    )
     p.set_defaults(func=_run_train)
 
 
@@ -649,6 +656,7 @@ def _run_train(args: argparse.Namespace) -> int:
             log_every=args.log_every,
             progress=not args.no_progress,
             max_bad_images=args.max_bad_images,
+            data_check=args.data_check,
             dist_timeout=args.dist_timeout,
         )
         if distributed.is_main_process():

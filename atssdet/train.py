@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 from atssdet import distributed
 from atssdet.config import ATSSConfig
 from atssdet.criterion import atss_loss
+from atssdet.data.check import check_dataset
 from atssdet.data.coco import COCODetection, DatasetError, DetectionTarget
 from atssdet.data.collate import DetectionBatch, collate_detection
 from atssdet.data.image_io import ImageReadError
@@ -458,6 +459,7 @@ def train(
     progress: bool = True,
     max_bad_images: int = 100,
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
+    data_check: str = "full",
 ) -> TrainResult:
     """Train an ATSS detector on a COCO-format split; see the module docstring for the recipe.
 
@@ -484,6 +486,9 @@ def train(
         log_every: JSONL record every this many iterations (default ``cfg.log_interval``).
         max_bad_images: stop with :class:`TrainingError` once more unreadable images were skipped.
         dist_timeout: seconds before a collective that waits for a dead/stuck rank fails.
+        data_check: ``"full"`` (default): :func:`atssdet.data.check.check_dataset` on the training
+            split, decoding every image, before anything else; ``"quick"``: the annotation file and
+            that the image files exist; ``"off"``. Fatal problems stop training with the report.
 
     Raises:
         TrainingError: non-finite loss (message names iteration and image ids; earlier checkpoints are
@@ -512,6 +517,25 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # temp files of a run killed mid-write
             stale.unlink(missing_ok=True)
+
+    if data_check not in ("full", "quick", "off"):
+        raise ValueError(f"data_check must be 'full', 'quick' or 'off', got {data_check!r}")
+    if data_check != "off":
+        # The same checks as `atssdet data check`, once (rank 0), shared so every rank stops alike.
+        report = None
+        if main:
+            report = check_dataset(
+                train_ann, train_images, read_images=data_check == "full", progress=progress
+            )
+            if report.ok and report.warnings:
+                print(
+                    f"atssdet train: data check: {len(report.warnings)} kind(s) of warning in {train_ann}; "
+                    "`python -m atssdet data check` lists them",
+                    file=sys.stderr,
+                )
+        report = distributed.broadcast_object(report)
+        assert report is not None
+        report.raise_if_fatal()
 
     dataset = COCODetection(
         train_ann,

@@ -406,7 +406,13 @@ FUTURE_CLI_CASES: dict[str, tuple[Callable[[dict[str, str]], list[str]], list[st
         lambda d: ["predict", d["images"], "--weights", d["weights"], "--batch-size", "-1"],
         ["batch"],
     ),
-    "cli-train-bad-set-key": (lambda d: ["train", "--set", "nonsense=1"], ["nonsense"]),
+    "cli-train-bad-set-key": (
+        lambda d: (
+            ["train", "--data", d["ann"], "--images", d["images"], "--out", d["root"] + "/train"]
+            + ["--set", "nonsense=1"]
+        ),
+        ["nonsense"],
+    ),
     "cli-export-missing-weights": (
         lambda d: (
             ["export", "--model", "atss_res18_coco_3x_800size", "--weights", d["root"] + "/nope.pt"]

@@ -19,6 +19,7 @@ import torch
 
 import atssdet.train as train_mod
 from atssdet.config import PRESETS, ATSSConfig, with_overrides
+from atssdet.data.check import DatasetCheckError
 from atssdet.data.coco import COCODetection
 from atssdet.data.sampler import GroupedBatchSampler
 from atssdet.data.synth import generate_synthetic_dataset
@@ -238,11 +239,16 @@ def test_unreadable_images_are_skipped_counted_and_limited(tmp_path):
     ds = make_dataset(tmp_path / "synth", num_train=4, num_val=0)
     bad = sorted(Path(ds.train_images).iterdir())[1]
     bad.write_bytes(b"not an image")
-    result = run_tiny(ds, tmp_path / "ok", max_iters=4, checkpoint_every=100)
+    # The start-up check refuses it (fatal: unreadable image) and names the file ...
+    with pytest.raises(DatasetCheckError, match=bad.name):
+        run_tiny(ds, tmp_path / "checked", max_iters=4, checkpoint_every=100)
+    assert not (tmp_path / "checked" / "last.pt").exists()
+    # ... and an image that breaks after the check (data_check="quick" only sees that it exists) is skipped.
+    result = run_tiny(ds, tmp_path / "ok", max_iters=4, checkpoint_every=100, data_check="quick")
     assert result.iteration == 4 and result.skipped_images
     assert all(bad.name in s for s in result.skipped_images)
     with pytest.raises(TrainingError, match="more than the limit of 0"):
-        run_tiny(ds, tmp_path / "stop", max_iters=4, checkpoint_every=100, max_bad_images=0)
+        run_tiny(ds, tmp_path / "stop", max_iters=4, checkpoint_every=100, max_bad_images=0, data_check="off")
 
 
 def test_amp_needs_cuda(dataset, tmp_path):
