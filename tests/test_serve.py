@@ -162,7 +162,7 @@ def test_bad_uploads_get_documented_codes_and_server_keeps_serving(
             {"file": ("broken.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)},
             {},
             422,
-            ["broken.png", "not a decodable"],
+            ["broken.png", "truncated PNG"],
         ),
         ({"file": ("empty.jpg", b"")}, {}, 422, ["empty.jpg", "empty"]),
         (None, {"score_threshold": "0.3"}, 422, ["file", "required"]),

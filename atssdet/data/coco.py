@@ -74,6 +74,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_MAX_ID = 2**63  # ids are indexed as int64
+
+
+def _is_id(value: Any) -> bool:
+    return _is_int(value) and -_MAX_ID <= value < _MAX_ID
+
+
+_ID_RULE = "an integer within the 64-bit range"
+
+
 def _is_number(value: Any) -> bool:
     return (isinstance(value, int | float)) and not isinstance(value, bool)
 
@@ -112,7 +122,7 @@ class COCODetection(Dataset):
         cat_names: dict[int, str] = {}
         for i, cat in enumerate(cats):
             where = f"categories[{i}]"
-            cat_id = _require_field(cat, "id", _is_int, "an integer", src, where)
+            cat_id = _require_field(cat, "id", _is_id, _ID_RULE, src, where)
             name = _require_field(cat, "name", lambda v: isinstance(v, str), "a string", src, where)
             if cat_id in cat_names:
                 raise DatasetError(f"{src}: {where}: duplicate category id {cat_id}")
@@ -132,6 +142,7 @@ class COCODetection(Dataset):
                 height, width = img.get("height"), img.get("width")
                 if (
                     type(image_id) is int
+                    and -_MAX_ID <= image_id < _MAX_ID
                     and type(file_name) is str
                     and file_name
                     and type(height) is int
@@ -143,7 +154,7 @@ class COCODetection(Dataset):
                     infos[image_id] = ImageInfo(image_id, file_name, height, width)
                     continue
             where = f"images[{i}]"
-            image_id = _require_field(img, "id", _is_int, "an integer", src, where)
+            image_id = _require_field(img, "id", _is_id, _ID_RULE, src, where)
             where = f"images[{i}] (id {image_id})"
             file_name = _require_field(
                 img, "file_name", lambda v: isinstance(v, str) and v != "", "a non-empty string", src, where
