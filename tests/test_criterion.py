@@ -1,0 +1,235 @@
+"""ATSS losses: MegEngine train-step parity (losses and gradients), normalisers, edge cases.
+
+Relative error of an array = max|ours - ref| / max|ref|.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atssdet import criterion
+from atssdet.assign import atss_assign
+from atssdet.compat import CompatModel
+from atssdet.config import ATSSConfig
+from atssdet.criterion import atss_loss, seed_training_losses
+from atssdet.modeling.atss import ATSSOutput
+from atssdet.ops.points import grid_points
+from tests.conftest import R18
+
+STRIDES = (8, 16, 32, 64, 128)
+
+
+def _rel(ours: torch.Tensor, ref: np.ndarray) -> float:
+    ref_t = torch.from_numpy(np.asarray(ref, dtype=np.float32)).reshape(ours.shape)
+    return float((ours.detach().float() - ref_t).abs().max() / ref_t.abs().max())
+
+
+@pytest.fixture(scope="module")
+def train_step(reference_dir, r18_model):
+    """One forward + backward of the reference batch through ``CompatModel`` in train mode (done once)."""
+    ref = dict(np.load(reference_dir / f"{R18}.seed0.train_step.npz"))
+    model = copy.deepcopy(r18_model)  # the session model stays untouched (eval mode, no grads)
+    compat = CompatModel(model).train()
+    losses = compat(image=torch.from_numpy(ref["data"]), im_info=ref["im_info"], gt_boxes=ref["gt_boxes"])
+    losses["total_loss"].backward()
+    return ref, model, losses
+
+
+def test_train_step_losses(train_step) -> None:
+    ref, model, losses = train_step
+    assert set(losses) == {"total_loss", "loss_cls", "loss_bbox", "loss_ctr"}
+    assert model.backbone.bottom_up.conv1.weight.grad is None  # conv1 + layer1 stay frozen in train mode
+    # bbox and ctr: 7e-8 and 4e-7 measured. cls (and so total) measured 1.36e-5: the focal sum over all
+    # 3M point x class terms integrates a systematic ~5e-6 relative offset of the p3 scores that our
+    # forward pass has on this ~1100x800 batch (see test_loss_function_alone_is_exact for the loss itself).
+    assert _rel(losses["loss_bbox"], ref["loss_bbox_nearest"]) < 1e-5
+    assert _rel(losses["loss_ctr"], ref["loss_ctr_nearest"]) < 1e-5
+    assert _rel(losses["loss_cls"], ref["loss_cls_nearest"]) < 2e-5
+    assert _rel(losses["total_loss"], ref["total_loss_nearest"]) < 2e-5
+
+
+def test_train_step_gradients(train_step) -> None:
+    ref, model, _ = train_step
+    params = dict(model.named_parameters())
+    tolerances = {
+        "head.cls_score.weight": 1e-4,  # measured 2.1e-5
+        "head.bbox_pred.weight": 1e-4,  # 8.9e-7
+        "head.ctrness.weight": 1e-4,  # 9.8e-7
+        "head.scale_list": 1e-4,  # 2.5e-7
+        # measured 2.0e-4: this gradient flows through every cls logit, so the forward offset above
+        # (not the loss) shows up here; see the report / docs/training-losses.md.
+        "backbone.fpn_output5.weight": 3e-4,
+    }
+    assert set(ref["grad_keys"].tolist()) == set(tolerances)
+    for key, tol in tolerances.items():
+        grad = params[key].grad
+        assert grad is not None, key
+        assert _rel(grad, ref[f"grad__{key}_nearest"]) < tol, key
+    assert float(params["head.scale_list"].grad[4]) == 0.0  # no positive on p7
+
+
+def test_loss_function_alone_is_exact(train_step) -> None:
+    """atss_loss on our head outputs == a float64 re-implementation fed the *reference* targets."""
+    ref, model, losses = train_step
+    with torch.no_grad():
+        out = model(torch.from_numpy(ref["data"]))
+    labels = torch.from_numpy(ref["gt_labels_nearest"]).long()
+    fg = labels > 0
+    onehot = F.one_hot(labels, 81)[..., 1:].double()
+    logits = out.cls_logits.double()
+    p = torch.sigmoid(logits)
+    focal = -(
+        onehot * 0.25 * (1 - p) ** 2 * F.logsigmoid(logits)
+        + (1 - onehot) * 0.75 * p**2 * F.logsigmoid(-logits)
+    )
+    num_fg = float(fg.sum())
+    ctr_t = torch.from_numpy(ref["gt_ctrness_nearest"]).double()[fg]
+    t = torch.from_numpy(ref["gt_offsets_nearest"]).double()[fg]
+    pr = out.box_ltrb.double()[fg]
+    area = lambda b: (b[:, 0] + b[:, 2]) * (b[:, 1] + b[:, 3])  # noqa: E731
+    inter = (torch.minimum(pr[:, 0], t[:, 0]) + torch.minimum(pr[:, 2], t[:, 2])).clamp(min=0) * (
+        torch.minimum(pr[:, 1], t[:, 1]) + torch.minimum(pr[:, 3], t[:, 3])
+    ).clamp(min=0)
+    union = area(pr) + area(t) - inter
+    enclose = (torch.maximum(pr[:, 0], t[:, 0]) + torch.maximum(pr[:, 2], t[:, 2])) * (
+        torch.maximum(pr[:, 1], t[:, 1]) + torch.maximum(pr[:, 3], t[:, 3])
+    )
+    giou = inter / union - (enclose - union) / enclose
+    expected = {
+        "loss_cls": float(focal.sum()) / num_fg,
+        "loss_bbox": float(((1 - giou) * ctr_t).sum() / ctr_t.sum() * 2.0),
+        "loss_ctr": float(
+            F.binary_cross_entropy_with_logits(out.ctr_logits.double()[fg], ctr_t, reduction="sum")
+        )
+        / num_fg,
+    }
+    for key, value in expected.items():
+        assert math.isclose(float(losses[key].detach()), value, rel_tol=2e-6), key
+
+
+def _synthetic_output(generator: torch.Generator, *, num_classes: int = 5) -> ATSSOutput:
+    hw = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+    points = torch.cat(grid_points(hw, STRIDES))
+    a = points.shape[0]
+    return ATSSOutput(
+        cls_logits=torch.randn(2, a, num_classes, generator=generator) - 2,
+        box_ltrb=torch.rand(2, a, 4, generator=generator) * 40,
+        ctr_logits=torch.randn(2, a, generator=generator),
+        points=points,
+        num_points_per_level=tuple(h * w for h, w in hw),
+    )
+
+
+def _small_cfg() -> ATSSConfig:
+    return ATSSConfig(num_classes=5, class_names=tuple("abcde"))
+
+
+def _targets() -> list[dict[str, torch.Tensor]]:
+    return [
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 50.0, 40.0], [30.0, 20.0, 90.0, 60.0]]),
+            "labels": torch.tensor([1, 4]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+    ]
+
+
+def test_atss_loss_normalisers_by_hand() -> None:
+    out = _synthetic_output(torch.Generator().manual_seed(0))
+    targets = _targets()
+    losses = atss_loss(out, targets, _small_cfg())
+    boxes = torch.stack([targets[0]["boxes"], torch.zeros(2, 4)])
+    valid = torch.tensor([[True, True], [False, False]])
+    assignment = atss_assign(out.points, out.num_points_per_level, STRIDES, boxes, valid)
+    fg = assignment.matched_gt >= 0
+    assert bool(fg[0].any()) and not bool(fg[1].any())
+    num_fg = int(fg.sum())
+    assert float(losses["num_fg"]) == num_fg
+    onehot = torch.zeros_like(out.cls_logits)
+    onehot[0, fg[0], targets[0]["labels"][assignment.matched_gt[0, fg[0]]]] = 1
+    p = torch.sigmoid(out.cls_logits)
+    ce = F.binary_cross_entropy_with_logits(out.cls_logits, onehot, reduction="none")
+    p_t = p * onehot + (1 - p) * (1 - onehot)
+    focal = ((0.25 * onehot + 0.75 * (1 - onehot)) * ce * (1 - p_t) ** 2).sum() / num_fg
+    torch.testing.assert_close(losses["loss_cls"], focal)
+    ctr_t = assignment.target_ctrness[fg]
+    ctr = F.binary_cross_entropy_with_logits(out.ctr_logits[fg], ctr_t, reduction="sum") / num_fg
+    torch.testing.assert_close(losses["loss_ctr"], ctr)
+    torch.testing.assert_close(
+        losses["total_loss"], losses["loss_cls"] + losses["loss_bbox"] + losses["loss_ctr"]
+    )
+
+
+def test_atss_loss_without_any_box_is_finite_and_backpropagates() -> None:
+    out = _synthetic_output(torch.Generator().manual_seed(1))
+    logits = out.cls_logits.requires_grad_()
+    box_ltrb = out.box_ltrb.requires_grad_()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    losses = atss_loss(out, [empty, empty], _small_cfg())
+    assert float(losses["loss_bbox"].detach()) == 0.0 and float(losses["loss_ctr"].detach()) == 0.0
+    assert float(losses["num_fg"]) == 0.0
+    # focal divided by max(num_fg, 1) = 1: the plain sum
+    expected = 0.75 * (torch.sigmoid(logits) ** 2 * F.softplus(logits)).sum()
+    torch.testing.assert_close(losses["loss_cls"], expected)
+    losses["total_loss"].backward()
+    assert logits.grad is not None and box_ltrb.grad is not None
+
+
+def test_atss_loss_under_autocast_is_float32() -> None:
+    out = _synthetic_output(torch.Generator().manual_seed(2))
+    half = out._replace(cls_logits=out.cls_logits.bfloat16(), box_ltrb=out.box_ltrb.bfloat16())
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        losses = atss_loss(half, _targets(), _small_cfg())
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    reference = atss_loss(
+        out._replace(cls_logits=half.cls_logits.float(), box_ltrb=half.box_ltrb.float()),
+        _targets(),
+        _small_cfg(),
+    )
+    for key in ("loss_cls", "loss_bbox", "loss_ctr"):
+        torch.testing.assert_close(losses[key], reference[key])
+
+
+def test_normalisers_are_averaged_over_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _synthetic_output(torch.Generator().manual_seed(3))
+    single = atss_loss(out, _targets(), _small_cfg())
+
+    def fake_all_reduce(tensor: torch.Tensor) -> None:
+        tensor.mul_(4)  # as if the other rank had 3x this rank's num_fg and sum_ctr
+
+    monkeypatch.setattr(criterion.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(criterion.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(criterion.dist, "all_reduce", fake_all_reduce)
+    multi = atss_loss(out, _targets(), _small_cfg())
+    assert float(multi["num_fg"]) == 2 * float(single["num_fg"])
+    for key in ("loss_cls", "loss_bbox", "loss_ctr"):
+        torch.testing.assert_close(multi[key], single[key] / 2)
+
+
+def test_bad_targets_raise_named_errors() -> None:
+    out = _synthetic_output(torch.Generator().manual_seed(4))
+    cfg = _small_cfg()
+    good = _targets()[0]
+    with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\] must lie in 0..4"):
+        atss_loss(out, [good, {"boxes": torch.zeros(1, 4), "labels": torch.tensor([5])}], cfg)
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\] must be \[M, 4\]"):
+        atss_loss(out, [{"boxes": torch.zeros(4), "labels": torch.tensor([0])}, good], cfg)
+    with pytest.raises(ValueError, match="2 images"):
+        atss_loss(out, [good], cfg)
+
+
+def test_seed_training_losses_validates_shapes(r18_model) -> None:
+    with pytest.raises(ValueError, match="gt_boxes must be"):
+        seed_training_losses(
+            r18_model, torch.zeros(1, 3, 32, 32), torch.tensor([[32, 32, 32, 32, 1]]), torch.zeros(1, 4)
+        )
+    with pytest.raises(ValueError, match=r"im_info\[0, 4\]"):
+        seed_training_losses(
+            r18_model, torch.zeros(1, 3, 32, 32), torch.tensor([[32, 32, 32, 32, 3]]), torch.zeros(1, 2, 5)
+        )
