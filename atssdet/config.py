@@ -25,6 +25,9 @@ COCO_CLASSES: tuple[str, ...] = (
     "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
 
+# The synthetic shapes dataset (atssdet.data.synth); category ids 1..6 in this order.
+SHAPE_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "star", "ring", "cross")
+
 # Output channels of res3, res4, res5 for each backbone.
 BACKBONE_CHANNELS: dict[str, tuple[int, int, int]] = {
     "resnet18": (128, 256, 512),
@@ -32,6 +35,8 @@ BACKBONE_CHANNELS: dict[str, tuple[int, int, int]] = {
     "resnet50": (512, 1024, 2048),
     "resnet101": (512, 1024, 2048),
     "resnext101_32x8d": (512, 1024, 2048),
+    "resnet18_w32": (64, 128, 256),
+    "resnet18_w16": (32, 64, 128),
 }
 
 
@@ -155,4 +160,27 @@ PRESETS: dict[str, ATSSConfig] = {
     "atss_res50_coco_3x_800size": _variant("resnet50"),
     "atss_res101_coco_3x_800size": _variant("resnet101"),
     "atss_resx101_coco_2x_800size": _variant("resnext101_32x8d", max_epoch=36, lr_decay_stages=(24, 32)),
+}
+
+
+# CPU-sized configs trained from scratch on the synthetic shapes dataset (``python -m atssdet demo``).
+# Not zoo models (no pretrained checkpoint): trainable BatchNorm, nothing frozen, a half-width... see
+# docs/demo.md for how the sizes and the schedule were chosen and what they reach.
+DEMO_PRESETS: dict[str, ATSSConfig] = {
+    "atss_demo_cpu": ATSSConfig(
+        backbone="resnet18_w16",
+        backbone_norm="BN",
+        backbone_freeze_at=0,
+        fpn_in_channels=BACKBONE_CHANNELS["resnet18_w16"],
+        fpn_out_channels=64,
+        fpn_top_in_channel=64,
+        num_classes=len(SHAPE_CLASSES),
+        class_names=SHAPE_CLASSES,
+        head_num_convs=2,
+        head_norm_groups=16,
+        train_image_short_size=(128, 144, 160, 176, 192),
+        train_image_max_size=288,
+        test_image_short_size=160,
+        test_image_max_size=240,
+    ),
 }
