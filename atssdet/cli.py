@@ -239,6 +239,170 @@ def _run_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a detector on a COCO-format dataset (torchrun for several GPUs/nodes)",
+        description="Train ATSS with the MegEngine recipe (SGD, lr 0.01/16 per image scaled by the global "
+        "batch, linear warm-up, step decay) on any COCO-format dataset. Checkpoints are written atomically "
+        "to --out (iter_XXXXXXXX.pt every --checkpoint-every iterations, last.pt, model_final.safetensors); "
+        "--resume continues exactly. Under `torchrun --nproc_per_node=N -m atssdet train ...` it trains "
+        "with DistributedDataParallel (NCCL on GPU, gloo on CPU).",
+    )
+    p.add_argument("--model", help="zoo model whose config to train (default atss_res50_coco_3x_800size)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="COCO annotation JSON (with --images) or a dataset root (annotations/instances_train*.json ...)",
+    )
+    p.add_argument("--images", help="image folder of --data when it is a JSON file")
+    p.add_argument(
+        "--split", default=None, help="split name inside a dataset root (default: train2017, train)"
+    )
+    p.add_argument(
+        "--val-data", help="validation annotation JSON or dataset root (evaluated during training)"
+    )
+    p.add_argument("--val-images", help="image folder of --val-data when it is a JSON file")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, train_log.jsonl, final weights)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per process (default 2, as MegEngine)")
+    p.add_argument("--max-iters", type=int, help="stop after N iterations (default: max_epoch epochs)")
+    p.add_argument(
+        "--resume", metavar="PATH|auto", help="checkpoint to continue from, or 'auto' (newest in --out)"
+    )
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument(
+        "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; per LOCAL_RANK under torchrun)"
+    )
+    p.add_argument(
+        "--init-backbone", metavar="FILE", help="ImageNet ResNet weights: torchvision .pth or MegEngine .pkl"
+    )
+    p.add_argument(
+        "--finetune",
+        metavar="FILE",
+        help="detector checkpoint (.pkl/.safetensors) to start from; classifier re-initialised",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=5000, help="iterations between checkpoints (default 5000)"
+    )
+    p.add_argument("--keep-checkpoints", type=int, help="keep only the newest N iter_*.pt files")
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="validate every N iterations (0: at the end only)"
+    )
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data stream")
+    p.add_argument(
+        "--log-every", type=int, help="JSONL log record every N iterations (default cfg.log_interval)"
+    )
+    p.add_argument(
+        "--max-bad-images",
+        type=int,
+        default=100,
+        help="stop after skipping more unreadable images (default 100)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. backbone=resnet18 or train_image_short_size=[512,544]",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds before a stuck collective fails (default 1800)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per --log-every)")
+    p.set_defaults(func=_run_train)
+
+
+def _train_split(data: str, images: str | None, split: str | None, *, flag: str) -> tuple[str, str]:
+    from pathlib import Path
+
+    from atssdet.data.coco import find_coco_split
+
+    path = Path(data)
+    if path.is_file():
+        if images is None:
+            raise ValueError(f"{flag} {data} is a JSON file: give its image folder too")
+        return str(path), images
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag} {data}: no such file or folder")
+    splits = [split] if split else (["train2017", "train"] if flag == "--data" else ["val2017", "val"])
+    errors = []
+    for name in splits:
+        try:
+            ann, image_dir = find_coco_split(path, name)
+        except ValueError as exc:  # DatasetError
+            errors.append(str(exc))
+            continue
+        return str(ann), str(image_dir)
+    raise FileNotFoundError(f"{flag} {data}: no split found ({'; '.join(errors)})")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from atssdet import distributed
+    from atssdet.config import PRESETS, parse_set_option, with_overrides
+    from atssdet.convert import read_checkpoint_config
+    from atssdet.train import TrainingError, train
+
+    overrides = dict(parse_set_option(item) for item in args.set)
+    if args.model is not None:
+        if args.model not in PRESETS:
+            raise ValueError(f"unknown model {args.model!r}; available: {', '.join(PRESETS)}")
+        cfg = PRESETS[args.model]
+    elif args.finetune and (saved := read_checkpoint_config(args.finetune)) is not None:
+        cfg = saved
+    else:
+        cfg = PRESETS["atss_res50_coco_3x_800size"]
+    if "backbone" in overrides and "fpn_in_channels" not in overrides:
+        from atssdet.config import BACKBONE_CHANNELS
+
+        overrides["fpn_in_channels"] = list(BACKBONE_CHANNELS[str(overrides["backbone"])])
+    cfg = with_overrides(cfg, overrides) if overrides else cfg
+    train_ann, train_images = _train_split(args.data, args.images, args.split, flag="--data")
+    val_ann = val_images = None
+    if args.val_data:
+        val_ann, val_images = _train_split(args.val_data, args.val_images, None, flag="--val-data")
+    try:
+        result = train(
+            cfg,
+            train_ann=train_ann,
+            train_images=train_images,
+            out_dir=args.out,
+            val_ann=val_ann,
+            val_images=val_images,
+            batch_size=args.batch_size,
+            max_iters=args.max_iters,
+            resume=args.resume,
+            amp=args.amp,
+            device=args.device,
+            init_backbone=args.init_backbone,
+            finetune=args.finetune,
+            checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
+            eval_every=args.eval_every,
+            num_workers=args.workers,
+            seed=args.seed,
+            log_every=args.log_every,
+            progress=not args.no_progress,
+            max_bad_images=args.max_bad_images,
+            dist_timeout=args.dist_timeout,
+        )
+        if distributed.is_main_process():
+            print(
+                f"trained iterations {result.start_iteration}..{result.iteration}; last checkpoint {result.checkpoint}"
+            )
+            if result.weights is not None:
+                print(f"final weights: {result.weights}")
+    except (TrainingError, distributed.DistributedError) as exc:
+        print(f"atssdet train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.cleanup()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atssdet", description="ATSS object detectors in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -246,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_eval(sub)
     _add_table(sub)
+    _add_train(sub)
     return parser
 
 

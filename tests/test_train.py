@@ -1,0 +1,347 @@
+"""The trainer: MegEngine schedule, loss falls, exact stop/resume, fine-tuning, backbone init, NaN stop, bad images.
+
+Everything runs on CPU with one thread on a tiny res18 config (64 px images, thin FPN/head, GN
+backbone from scratch) over a few synthetic images written by the test.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import atssdet.train as train_mod
+from atssdet.config import PRESETS, ATSSConfig, with_overrides
+from atssdet.data.coco import COCODetection
+from atssdet.data.sampler import GroupedBatchSampler
+from atssdet.data.synth import generate_synthetic_dataset
+from atssdet.modeling.atss import build_model
+from atssdet.train import (
+    LOSS_NAMES,
+    TrainingError,
+    find_resume_checkpoint,
+    learning_rate,
+    list_checkpoints,
+    load_backbone_weights,
+    load_checkpoint,
+    load_finetune_weights,
+    total_iterations,
+    train,
+)
+from tests.conftest import R18, run_cli
+
+# Everything that makes the model small and fast; the recipe fields stay MegEngine's except the
+# warm-up (5 iterations) and the lr (0.01 per image: the tiny model tolerates it and learns fast).
+TINY_OVERRIDES: dict[str, Any] = {
+    "train_image_short_size": [64],
+    "train_image_max_size": 64,
+    "test_image_short_size": 64,
+    "test_image_max_size": 64,
+    "fpn_out_channels": 32,
+    "fpn_top_in_channel": 32,
+    "head_num_convs": 1,
+    "head_norm_groups": 8,
+    "backbone_norm": "GN",
+    "backbone_freeze_at": 0,
+    "warm_iters": 5,
+    "basic_lr": 0.01,
+}
+TINY_CFG = with_overrides(PRESETS[R18], TINY_OVERRIDES)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: deterministic kernels and no OpenMP spinning on the shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_dataset(root: Path, *, num_train: int = 4, num_val: int = 2) -> Any:
+    """Synthetic square 64 px shapes dataset (6 classes) under ``root``."""
+    return generate_synthetic_dataset(
+        root, num_train=num_train, num_val=num_val, image_size=(64, 64), progress=False, log=lambda m: None
+    )
+
+
+def run_tiny(ds: Any, out: Path, **kwargs: Any) -> train_mod.TrainResult:
+    options: dict[str, Any] = dict(batch_size=2, num_workers=0, progress=False, log_every=1, device="cpu")
+    options.update(kwargs)
+    return train(TINY_CFG, train_ann=ds.train_ann, train_images=ds.train_images, out_dir=out, **options)
+
+
+def loss_rows(result: train_mod.TrainResult) -> dict[int, list[float]]:
+    return {r["iteration"]: [r[k] for k in LOSS_NAMES] for r in result.losses}
+
+
+class _PatchedLoss:
+    """Wraps ``atss_loss``: on call ``at`` (1-based) raise ``exc`` or return NaN losses."""
+
+    def __init__(self, *, at: int, exc: BaseException | None = None, nan: bool = False) -> None:
+        self.at, self.exc, self.nan, self.calls = at, exc, nan, 0
+        self.real = train_mod.atss_loss
+
+    def __call__(self, output: Any, targets: Any, cfg: ATSSConfig) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        losses = self.real(output, targets, cfg)
+        if self.calls == self.at:
+            if self.exc is not None:
+                raise self.exc
+            if self.nan:
+                losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
+                losses["total_loss"] = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_ctr"]
+        return losses
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return make_dataset(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(
+    dataset: Any, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[train_mod.TrainResult, Path]:
+    """An uninterrupted 40-iteration run with checkpoints every 10 iterations and validation every 20."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("reference")
+    result = run_tiny(
+        dataset, out, max_iters=40, checkpoint_every=10, val_ann=dataset.val_ann,
+        val_images=dataset.val_images, eval_every=20,
+    )  # fmt: skip
+    return result, out
+
+
+def test_learning_rate_schedule_matches_megengine():
+    """MegEngine train.py: lr = 0.01/16 per image x global batch, (step+1)/500 warm-up, x0.1 at epochs 42 and 50."""
+    cfg = PRESETS["atss_res50_coco_3x_800size"]
+    per_epoch = 80000 // 16
+    assert total_iterations(cfg, 16) == 54 * per_epoch == 270000
+    assert learning_rate(cfg, 0, global_batch=16) == pytest.approx(0.01 / 500)
+    assert learning_rate(cfg, 249, global_batch=16) == pytest.approx(0.01 * 250 / 500)
+    assert learning_rate(cfg, 500, global_batch=16) == pytest.approx(0.01)
+    assert learning_rate(cfg, 42 * per_epoch - 1, global_batch=16) == pytest.approx(0.01)
+    assert learning_rate(cfg, 42 * per_epoch, global_batch=16) == pytest.approx(0.001)
+    assert learning_rate(cfg, 50 * per_epoch, global_batch=16) == pytest.approx(0.0001)
+    assert learning_rate(cfg, 600, global_batch=8) == pytest.approx(0.005)  # scales with the global batch
+    x101 = PRESETS["atss_resx101_coco_2x_800size"]
+    assert learning_rate(x101, 24 * per_epoch, global_batch=16) == pytest.approx(0.001)
+    assert total_iterations(x101, 16) == 36 * per_epoch
+
+
+def test_loss_falls_by_half_and_files_are_written(reference_run):
+    """Acceptance 4.3: the tiny model's loss falls to at most half on the synthetic set; logs and weights exist."""
+    result, out = reference_run
+    totals = [r["total_loss"] for r in result.losses]
+    assert len(totals) == 40 and all(math.isfinite(t) for t in totals)
+    first, last = float(np.mean(totals[:3])), float(np.mean(totals[-5:]))
+    print(f"loss {first:.3f} -> {last:.3f} (ratio {last / first:.2f})")
+    assert last <= 0.5 * first
+
+    # Checkpoints every 10 iterations, last.pt is the newest (same file), final weights loadable.
+    assert [p.name for p in list_checkpoints(out)] == [f"iter_{i:08d}.pt" for i in (40, 30, 20, 10)]
+    assert (out / "last.pt").samefile(out / "iter_00000040.pt")
+    state = load_checkpoint(out / "iter_00000020.pt")
+    assert state["iteration"] == 20 and state["world_size"] == 1 and state["batch_size"] == 2
+    assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
+    assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert ATSSConfig.from_json(state["config"]).class_names == dataset_classes()
+    from atssdet.evaluate import load_model
+
+    model = load_model(weights=out / "model_final.safetensors")  # what `eval/predict --weights` do
+    assert model.cfg.num_classes == 6
+    final = load_checkpoint(out / "iter_00000040.pt")["model"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, final[key]), key
+
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "total_loss" in r]
+    assert [r["iteration"] for r in steps] == list(range(1, 41))
+    assert {"lr", "time", "data_time", "eta", "max_mem_mb", "loss_cls", "loss_bbox", "loss_ctr"} <= set(
+        steps[0]
+    )
+    assert steps[-1]["total_loss"] == totals[-1]
+    assert [r["event"] for r in lines if "event" in r].count("checkpoint") == 4
+
+    # Periodic validation (COCO mAP of the in-memory model) at 20 and at the end.
+    assert [e["iteration"] for e in result.evals] == [20, 40]
+    evals = [r for r in lines if r.get("event") == "eval"]
+    assert [r["iteration"] for r in evals] == [20, 40]
+    assert all(0.0 <= r["bbox/AP"] <= 1.0 or r["bbox/AP"] == -1.0 for r in evals)
+    assert (out / "eval" / "iter_00000040.results.json").is_file()
+    assert (out / "eval" / "iter_00000040.metrics.json").is_file()
+
+
+def dataset_classes() -> tuple[str, ...]:
+    from atssdet.data.synth import SHAPE_CLASSES
+
+    return tuple(SHAPE_CLASSES)
+
+
+def test_interrupted_run_resumes_with_identical_losses(dataset, reference_run, tmp_path, monkeypatch):
+    """Acceptance 4.3: training dies at iteration 13 (after the checkpoint at 10); --resume auto continues
+    from 10 and iterations 11..20 have exactly the losses of the uninterrupted run."""
+    reference, _ = reference_run
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "atss_loss", _PatchedLoss(at=13, exc=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(dataset, out, max_iters=40, checkpoint_every=10)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(out)] == ["iter_00000010.pt"]
+
+    resumed = run_tiny(dataset, out, max_iters=20, checkpoint_every=10, resume="auto")
+    assert resumed.start_iteration == 10 and resumed.iteration == 20
+    ref = loss_rows(reference)
+    got = loss_rows(resumed)
+    assert sorted(got) == list(range(11, 21))
+    for it, values in got.items():
+        assert values == ref[it], (it, values, ref[it])  # bitwise: same kernels, same data, same state
+    assert [r["lr"] for r in resumed.losses] == [r["lr"] for r in reference.losses[10:20]]
+
+
+def test_nan_loss_stops_naming_iteration_and_images(dataset, tmp_path, monkeypatch):
+    """A NaN loss at iteration 5 stops training with the iteration and the batch's image ids; the
+    checkpoint of iteration 4 stays the newest and intact."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "atss_loss", _PatchedLoss(at=5, nan=True))
+    with pytest.raises(TrainingError) as info:
+        run_tiny(dataset, out, max_iters=8, checkpoint_every=2)
+    message = str(info.value)
+    # The batch of iteration 5 from the same sampler the trainer uses.
+    ds = COCODetection(dataset.train_ann, dataset.train_images, remove_images_without_annotations=True)
+    batches = iter(GroupedBatchSampler(ds.aspect_ratios(), 2, seed=0, rank=0, world_size=1))
+    for _ in range(4):
+        next(batches)
+    ids = sorted(ds.image_ids[i] for i, _ in next(batches))
+    assert "non-finite loss at iteration 5 (" in message
+    assert "loss_bbox=nan" in message
+    assert f"image ids {ids}" in message
+    assert "iter_00000004.pt is untouched" in message
+    assert [p.name for p in list_checkpoints(out)] == ["iter_00000004.pt", "iter_00000002.pt"]
+    state = load_checkpoint(out / "iter_00000004.pt")
+    assert state["iteration"] == 4
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+    assert (out / "last.pt").samefile(out / "iter_00000004.pt")
+    assert not (out / "model_final.safetensors").exists()
+
+
+def test_unreadable_images_are_skipped_counted_and_limited(tmp_path):
+    """A corrupt image is skipped and reported; with --max-bad-images 0 training stops naming the limit."""
+    ds = make_dataset(tmp_path / "synth", num_train=4, num_val=0)
+    bad = sorted(Path(ds.train_images).iterdir())[1]
+    bad.write_bytes(b"not an image")
+    result = run_tiny(ds, tmp_path / "ok", max_iters=4, checkpoint_every=100)
+    assert result.iteration == 4 and result.skipped_images
+    assert all(bad.name in s for s in result.skipped_images)
+    with pytest.raises(TrainingError, match="more than the limit of 0"):
+        run_tiny(ds, tmp_path / "stop", max_iters=4, checkpoint_every=100, max_bad_images=0)
+
+
+def test_amp_needs_cuda(dataset, tmp_path):
+    with pytest.raises(ValueError, match="--amp needs a CUDA device"):
+        run_tiny(dataset, tmp_path, max_iters=1, amp=True)
+
+
+def test_backbone_init_from_torchvision_pth_and_megengine_pkl(tmp_path):
+    """ImageNet classification weights (torchvision .pth, MegEngine .pkl with (1,C,1,1) BN params) -> backbone, fc dropped."""
+    import torchvision
+
+    cfg = with_overrides(PRESETS[R18], {"backbone_norm": "FrozenBN"})
+    torch.manual_seed(1)
+    classifier = torchvision.models.resnet18()
+    for m in classifier.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    tv_state = classifier.state_dict()
+    torch.save(tv_state, tmp_path / "resnet18.pth")
+    mge: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+    for key, value in tv_state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        array = value.numpy().astype(np.float32)
+        if ".bn" in key or key.startswith("bn1") or ".downsample.1." in key:
+            array = array.reshape(1, -1, 1, 1)  # MegEngine BatchNorm layout
+        mge[key] = array
+    (tmp_path / "resnet18.pkl").write_bytes(pickle.dumps(mge, protocol=4))
+
+    for path in (tmp_path / "resnet18.pth", tmp_path / "resnet18.pkl"):
+        model = build_model(cfg)
+        load_backbone_weights(model, path)
+        got = model.backbone.bottom_up.state_dict()
+        for key, value in got.items():
+            assert torch.equal(value, tv_state[key].to(value.dtype)), (path.suffix, key)
+    from atssdet.convert import CheckpointError
+
+    with pytest.raises(CheckpointError, match="unexpected key"):  # a GN backbone cannot take BN weights
+        load_backbone_weights(build_model(TINY_CFG), tmp_path / "resnet18.pth")
+
+
+def test_finetune_zoo_checkpoint_onto_three_classes(r18_checkpoint, tmp_path):
+    """Acceptance 4.4: the res18 zoo-format .pkl onto a 3-class dataset via the CLI: no key errors, a
+    3-output classifier with the prior bias, every other tensor from the checkpoint."""
+    from atssdet.convert import load_megengine_pickle, load_safetensors, megengine_to_torch
+    from tests.coco_synth import write_split
+
+    ann_file, image_dir = write_split(tmp_path / "three")
+    cfg3 = with_overrides(PRESETS[R18], {"num_classes": 3, "class_names": ["bird", "cat", "dog"]})
+    model = build_model(cfg3)
+    load_finetune_weights(model, r18_checkpoint)
+    full = build_model(PRESETS[R18])
+    reference = megengine_to_torch(load_megengine_pickle(r18_checkpoint), full)
+    for key, value in model.state_dict().items():
+        if key.startswith("head.cls_score."):
+            continue
+        assert torch.equal(value, reference[key]), key
+    assert model.head.cls_score.weight.shape == (3, 256, 3, 3)
+    assert torch.allclose(model.head.cls_score.bias, torch.full((3,), -math.log(99.0)))
+
+    proc = run_cli(
+        "train", "--model", R18, "--finetune", str(r18_checkpoint), "--data", str(ann_file),
+        "--images", str(image_dir), "--out", str(tmp_path / "ft"), "--max-iters", "1", "--batch-size", "1",
+        "--workers", "0", "--device", "cpu", "--no-progress",
+        "--set", "train_image_short_size=[64]", "--set", "train_image_max_size=96",
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final weights" in proc.stdout
+    tensors, saved_cfg = load_safetensors(tmp_path / "ft" / "model_final.safetensors")
+    assert saved_cfg is not None and saved_cfg.num_classes == 3
+    assert saved_cfg.class_names == ("cat", "dog", "bird")  # sorted category ids 3, 7, 12
+    assert tensors["head.cls_score.weight"].shape == (3, 256, 3, 3)
+    # conv1 + layer1 are frozen (backbone_freeze_at=2): exactly the checkpoint's after a step.
+    for key in ("backbone.bottom_up.conv1.weight", "backbone.bottom_up.layer1.0.conv1.weight"):
+        assert torch.equal(tensors[key], reference[key]), key
+    assert not torch.equal(tensors["head.bbox_pred.weight"], reference["head.bbox_pred.weight"])  # trained
+
+
+def test_resume_auto_skips_corrupt_newest(dataset, reference_run, tmp_path):
+    """A truncated newest checkpoint is passed over (with the reason) for the previous one."""
+    import shutil
+
+    _, ref_out = reference_run
+    for it in (10, 20):
+        shutil.copy(ref_out / f"iter_{it:08d}.pt", tmp_path / f"iter_{it:08d}.pt")
+    data = (tmp_path / "iter_00000020.pt").read_bytes()
+    (tmp_path / "iter_00000030.pt").write_bytes(data[: len(data) // 2])
+    found, reasons = find_resume_checkpoint(tmp_path)
+    assert found == tmp_path / "iter_00000020.pt"
+    assert len(reasons) == 1 and "iter_00000030.pt: corrupt or truncated checkpoint" in reasons[0]
+
+
+def test_cli_train_rejects_bad_data_arguments(tmp_path, capsys):
+    from atssdet.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "atssdet train: error: --data" in capsys.readouterr().err
+    (tmp_path / "ann.json").write_text("{}")
+    assert main(["train", "--data", str(tmp_path / "ann.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "give its image folder too" in capsys.readouterr().err

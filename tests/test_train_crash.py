@@ -1,0 +1,122 @@
+"""Crash safety: SIGKILL during a checkpoint write leaves the previous checkpoint intact and
+``--resume auto`` continues from it with the losses of an uninterrupted run (issue 8, acceptance 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train import TINY_OVERRIDES, loss_rows, make_dataset, run_tiny
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"training exited ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sigkill_during_checkpoint_write_then_resume_auto(tmp_path):
+    from atssdet.train import find_resume_checkpoint, list_checkpoints, load_checkpoint
+
+    ds = make_dataset(tmp_path / "synth", num_train=4, num_val=0)
+    out = tmp_path / "run"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    # Test hook: the checkpoint of iteration 4 sleeps 120 s between writing its temp file and the rename.
+    env["ATSSDET_TEST_SLOW_CHECKPOINT"] = "4:120"
+    sets = [arg for key, value in TINY_OVERRIDES.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atssdet",
+            "train",
+            "--model",
+            "atss_res18_coco_3x_800size",
+            "--data",
+            str(ds.train_ann),
+            "--images",
+            str(ds.train_images),
+            "--out",
+            str(out),
+            "--max-iters",
+            "6",
+            "--checkpoint-every",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--log-every",
+            "1",
+            *sets,
+        ],  # fmt: skip
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(
+            lambda: any(out.glob(".iter_00000004.pt.*.tmp")), proc, "the checkpoint write of iteration 4"
+        )
+        # The temp file is fully written and fsynced; the rename has not happened yet.
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    # The previous checkpoint is intact and the newest; last.pt still points at it.
+    assert [p.name for p in list_checkpoints(out)] == ["iter_00000002.pt"]
+    assert load_checkpoint(out / "iter_00000002.pt")["iteration"] == 2
+    assert (out / "last.pt").samefile(out / "iter_00000002.pt")
+    assert find_resume_checkpoint(out) == (out / "iter_00000002.pt", [])
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    killed_losses = {r["iteration"]: r["total_loss"] for r in logged if "total_loss" in r}
+    assert sorted(killed_losses) == [1, 2, 3, 4]
+
+    resumed = run_tiny(ds, out, max_iters=6, checkpoint_every=2, resume="auto")
+    assert not any(out.glob(".*.tmp"))  # the killed run's temp file was cleaned up
+    assert resumed.start_iteration == 2
+    reference = run_tiny(ds, tmp_path / "reference", max_iters=6, checkpoint_every=2)
+    ref = loss_rows(reference)
+    got = loss_rows(resumed)
+    assert sorted(got) == [3, 4, 5, 6]
+    for it, values in got.items():
+        assert values == pytest.approx(ref[it], rel=1e-6, abs=0), it  # bitwise in practice
+    for it, total in killed_losses.items():  # the killed subprocess computed the same losses too
+        assert total == pytest.approx(ref[it][0], rel=1e-6, abs=0), it
+    assert [p.name for p in list_checkpoints(out)] == [f"iter_{i:08d}.pt" for i in (6, 4, 2)]
