@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -105,7 +104,8 @@ class DemoResult:
         lines = [
             f"val mAP@[.5:.95] {self.stats['AP']:.3f}  AP50 {self.stats['AP50']:.3f}  AP75 {self.stats['AP75']:.3f}",
             f"dataset     {self.dataset.root}" + (" (reused)" if self.dataset.skipped else ""),
-            f"checkpoint  {self.checkpoint}" + ("" if self.trained else " (reused; --retrain to train again)"),
+            f"checkpoint  {self.checkpoint}"
+            + ("" if self.trained else " (reused; --retrain to train again)"),
             f"metrics     {self.metrics}",
             f"plot        {self.plot}",
             f"detections  {self.grid} and {len(self.predictions)} images in {self.predictions[0].parent}"
@@ -231,7 +231,11 @@ def plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
     evals = history.get("evals", [])
     if evals:
         e_iters = [e["iteration"] for e in evals]
-        for key, label, style in (("AP", "mAP@[.5:.95]", "o-"), ("AP50", "AP50", "s--"), ("AP75", "AP75", "^:")):
+        for key, label, style in (
+            ("AP", "mAP@[.5:.95]", "o-"),
+            ("AP50", "AP50", "s--"),
+            ("AP75", "AP75", "^:"),
+        ):
             ax_ap.plot(e_iters, [100 * e["stats"][key] for e in evals], style, label=label)
         last = evals[-1]
         ax_ap.annotate(
@@ -269,9 +273,7 @@ def make_grid(images: Sequence[np.ndarray], *, columns: int = 4, pad: int = 4) -
     cell_h = max(im.shape[0] for im in images)
     cell_w = max(im.shape[1] for im in images)
     ncols = min(columns, len(images))
-    grid = np.full(
-        (len(rows) * (cell_h + pad) + pad, ncols * (cell_w + pad) + pad, 3), 255, dtype=np.uint8
-    )
+    grid = np.full((len(rows) * (cell_h + pad) + pad, ncols * (cell_w + pad) + pad, 3), 255, dtype=np.uint8)
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             y, x = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
@@ -509,7 +511,11 @@ def draw_detections(
     is at least ``min_side`` and the captions stay readable; boxes are scaled alike.
     """
     scale = max(1, math.ceil(min_side / max(1, min(image.shape[:2]))))
-    canvas = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) if scale > 1 else image.copy()
+    canvas = (
+        cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        if scale > 1
+        else image.copy()
+    )
     font = cv2.FONT_HERSHEY_SIMPLEX
     for i in np.argsort(scores, kind="stable"):  # best boxes drawn last, on top
         label = int(labels[i])
@@ -530,8 +536,3 @@ def _class_colour(label: int) -> tuple[int, int, int]:
     hsv = np.array([[[(label * 37) % 180, 200, 255]]], dtype=np.uint8)
     b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
     return int(b), int(g), int(r)
-
-
-def main_summary(result: DemoResult, *, file: Any = sys.stdout) -> None:
-    """Print where everything is."""
-    print(result.summary(), file=file, flush=True)
