@@ -80,6 +80,7 @@ class ATSSConfig:
     train_image_short_size: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
     train_image_max_size: int = 1333
     basic_lr: float = 0.01 / 16  # per image
+    optimizer: str = "SGD"  # "SGD" (MegEngine recipe, uses momentum) | "AdamW" (atssdet demo; betas 0.9, 0.999)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     log_interval: int = 20
