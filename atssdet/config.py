@@ -80,7 +80,7 @@ class ATSSConfig:
     train_image_short_size: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
     train_image_max_size: int = 1333
     basic_lr: float = 0.01 / 16  # per image
-    optimizer: str = "SGD"  # "SGD" (MegEngine recipe, uses momentum) | "AdamW" (atssdet demo; betas 0.9, 0.999)
+    optimizer: str = "SGD"  # "SGD" (MegEngine recipe) | "AdamW" (atssdet demo preset)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     log_interval: int = 20
@@ -89,6 +89,7 @@ class ATSSConfig:
     warm_iters: int = 500
     lr_decay_rate: float = 0.1
     lr_decay_stages: tuple[int, ...] = (42, 50)
+    lr_schedule: str = "step"  # "step" (MegEngine: decay at lr_decay_stages) | "cosine" (demo)
 
     test_image_short_size: int = 800
     test_image_max_size: int = 1333

@@ -92,9 +92,19 @@ def learning_rate(cfg: ATSSConfig, iteration: int, *, global_batch: int) -> floa
 
     ``basic_lr * global_batch * lr_decay_rate ** (number of decay stages <= epoch)``, times
     ``(iteration + 1) / warm_iters`` during the first ``warm_iters`` iterations of epoch 0.
+    ``cfg.lr_schedule == "cosine"`` (the CPU demo preset) replaces the step decay by
+    ``0.5 * (1 + cos(pi * iteration / total_iterations))``.
     """
     epoch = iteration // iters_per_epoch(cfg, global_batch)
-    lr = cfg.basic_lr * global_batch * cfg.lr_decay_rate ** bisect.bisect_right(cfg.lr_decay_stages, epoch)
+    if cfg.lr_schedule == "cosine":  # atssdet demo preset: half a cosine from basic_lr to 0 over max_epoch
+        progress = min(1.0, iteration / total_iterations(cfg, global_batch))
+        lr = cfg.basic_lr * global_batch * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.lr_schedule == "step":
+        lr = (
+            cfg.basic_lr * global_batch * cfg.lr_decay_rate ** bisect.bisect_right(cfg.lr_decay_stages, epoch)
+        )
+    else:
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r} (expected step or cosine)")
     if epoch == 0 and iteration < cfg.warm_iters:
         lr *= (iteration + 1.0) / cfg.warm_iters
     return lr
