@@ -423,7 +423,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: 1 when the machine is busy (load >= cores), else all cores)",
+        help="torch CPU threads (default: idle cores minus one, at least 1; 1 on a 2-core machine)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)

@@ -145,10 +145,12 @@ def checkpoint_matches(path: Path, cfg: ATSSConfig) -> bool:
 
 
 def choose_threads(requested: int | None) -> int:
-    """Torch intra-op threads: ``requested``, else 1 on a busy machine (load >= cores), else torch's default.
+    """Torch CPU threads: ``requested``, else the number of idle cores minus one, at least 1.
 
-    On an oversubscribed CPU, OpenMP threads that wait for each other are descheduled; with two
-    threads we measured training steps 2-30x slower than with one (docs/demo.md).
+    Keeping a core of headroom matters more than the second thread: with two OpenMP threads on a
+    2-core machine that also runs other jobs, a training step was 5-20x slower than with one thread
+    (threads wait for each other when the OS deschedules one; docs/demo.md). On an idle 2-core
+    machine this gives 1 thread, which is what the demo's timing was measured with.
     """
     if requested is not None:
         if requested < 1:
@@ -158,8 +160,8 @@ def choose_threads(requested: int | None) -> int:
     try:
         load = os.getloadavg()[0]
     except OSError:  # not available on this platform
-        return torch.get_num_threads()
-    return 1 if load >= cores else torch.get_num_threads()
+        load = 0.0
+    return max(1, min(torch.get_num_threads(), int(cores - load) - 1 if cores > 2 else 1))
 
 
 # --------------------------------------------------------------------------------------------------
