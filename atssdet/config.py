@@ -168,7 +168,7 @@ PRESETS: dict[str, ATSSConfig] = {
 # CPU-sized configs trained from scratch on the synthetic shapes dataset (``python -m atssdet demo``).
 # Not zoo models (no pretrained checkpoint, not in PRESETS): a 16-wide ResNet-18 with trainable
 # BatchNorm and nothing frozen, a 64-channel FPN, 2-conv head towers, 128-192 px inputs, AdamW with a
-# cosine schedule. Schedule: max_epoch epochs of nr_images_epoch images (the demo generates that many
+# cosine schedule, tested at 224 px. Schedule: max_epoch epochs of nr_images_epoch images (the demo generates that many
 # training images). docs/demo.md has the measurements behind these choices.
 DEMO_PRESETS: dict[str, ATSSConfig] = {
     "atss_demo_cpu": ATSSConfig(
@@ -185,14 +185,15 @@ DEMO_PRESETS: dict[str, ATSSConfig] = {
         train_image_short_size=(128, 144, 160, 176, 192),
         train_image_max_size=288,
         optimizer="AdamW",
-        basic_lr=3e-3 / 8,  # per image: 3e-3 at batch 8
+        basic_lr=5e-3 / 8,  # per image: 5e-3 at batch 8
         weight_decay=1e-4,
         lr_schedule="cosine",
         warm_iters=100,
         nr_images_epoch=2000,
-        max_epoch=12,  # 3000 iterations at batch 8
+        max_epoch=8,  # 2000 iterations at batch 8
         log_interval=50,
-        test_image_short_size=160,
-        test_image_max_size=240,
+        # Testing above the training scale enlarges the many small objects: +0.11 mAP over 160 px.
+        test_image_short_size=224,
+        test_image_max_size=336,
     ),
 }
