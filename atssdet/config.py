@@ -168,8 +168,8 @@ PRESETS: dict[str, ATSSConfig] = {
 # CPU-sized configs trained from scratch on the synthetic shapes dataset (``python -m atssdet demo``).
 # Not zoo models (no pretrained checkpoint, not in PRESETS): a 16-wide ResNet-18 with trainable
 # BatchNorm and nothing frozen, a 64-channel FPN, 2-conv head towers, 128-192 px inputs, AdamW with a
-# cosine schedule, tested at 224 px. Schedule: max_epoch epochs of nr_images_epoch images (the demo generates that many
-# training images). docs/demo.md has the measurements behind these choices.
+# cosine schedule, tested at 224 px. Schedule: max_epoch epochs of nr_images_epoch images (the demo
+# generates that many training images). docs/demo.md has the measurements behind these choices.
 DEMO_PRESETS: dict[str, ATSSConfig] = {
     "atss_demo_cpu": ATSSConfig(
         backbone="resnet18_w16",

@@ -244,9 +244,10 @@ def plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
             f"{100 * last['stats']['AP']:.1f}",
             (last["iteration"], 100 * last["stats"]["AP"]),
             textcoords="offset points",
-            xytext=(-10, -14),
+            xytext=(-6, 8),
+            ha="right",
         )
-    ax_ap.axhline(50, color="grey", linewidth=0.8, linestyle="--")
+    ax_ap.axhline(50, color="grey", linewidth=0.8, linestyle="--", label="mAP 50 (demo target)")
     ax_ap.set_ylim(0, 100)
     ax_ap.set_xlim(0, max(iters[-1] if len(iters) else 1, 1))
     ax_ap.set_xlabel("iteration")
