@@ -3,6 +3,7 @@
 from atssdet.config import PRESETS, ATSSConfig
 from atssdet.modeling.atss import ATSS, ATSSOutput, build_model
 from atssdet.postprocess import Detections, postprocess
+from atssdet.predict import Detector
 from atssdet.zoo import ZOO, load
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "ATSSConfig",
     "ATSSOutput",
     "Detections",
+    "Detector",
     "PRESETS",
     "ZOO",
     "build_model",

@@ -6,6 +6,7 @@ A thin argparse shell: each command parses its flags, builds a config and calls 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -38,6 +39,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="dataset tools (synthetic data, ...)", description="Dataset tools.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     _add_data_synth(data_sub)
+    _add_data_check(data_sub)
 
 
 def _add_data_synth(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +96,46 @@ def _run_data_synth(args: argparse.Namespace) -> int:
     print(f"val:   {out.val_ann} (images in {out.val_images})")
     print(f"classes: {', '.join(out.class_names)}")
     return 0
+
+
+def _add_data_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="health check of a COCO-format annotation file and its images",
+        description="Report every problem of a COCO-format split (malformed entries, duplicate or unknown "
+        "ids, bad boxes, missing/unreadable images, size mismatches, crowd-only and empty images) with "
+        "counts and the first offending ids, plus the class balance. Exit status 1 if a fatal problem "
+        "is found (training refuses such a dataset), 0 otherwise.",
+    )
+    p.add_argument("ann_file", metavar="ANN_JSON", help="COCO instances JSON")
+    p.add_argument("--images", help="image folder (file_name is relative to it); omitted: no file checks")
+    p.add_argument("--json", metavar="REPORT", help="also write the report as JSON to this path")
+    p.add_argument("--max-examples", type=int, default=5, help="offending entries shown per problem")
+    p.add_argument("--no-images", action="store_true", help="only check that image files exist (no decoding)")
+    p.add_argument("--workers", type=int, help="image reading threads (default min(8, CPUs))")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_data_check)
+
+
+def _run_data_check(args: argparse.Namespace) -> int:
+    from atssdet.data.check import check_dataset, write_report_json
+
+    if args.max_examples < 0:
+        raise ValueError(f"--max-examples must be >= 0, got {args.max_examples}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    report = check_dataset(
+        args.ann_file,
+        args.images,
+        read_images=not args.no_images,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+        max_examples=args.max_examples,
+    )
+    print(report.format(max_examples=args.max_examples))
+    if args.json:
+        print(f"wrote {write_report_json(report, args.json)}")
+    return 1 if report.fatal else 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -239,6 +281,250 @@ def _run_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX (decoding, optionally NMS, inside the graph)",
+        description="Export an ATSS model to ONNX. Inputs: images [N,3,H,W] float raw BGR 0-255, image_hw "
+        "[N,2], orig_hw [N,2] (the graph pads to /32 and normalises). Outputs: scores [N,A,C] and boxes "
+        "[N,A,4] in original pixels, or with --with-nms detections [N,K,6] and num_detections [N].",
+    )
+    p.add_argument("--model", choices=sorted(ZOO), help="zoo model (pretrained weights unless --weights)")
+    p.add_argument(
+        "--weights", help="checkpoint (.pkl/.pkl.gz/.safetensors/.pt); .safetensors carries its config"
+    )
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    p.add_argument("--out", required=True, help="output file, written atomically")
+    p.add_argument(
+        "--dynamic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="symbolic batch/height/width (default); --no-dynamic fixes batch 1 and --input-hw",
+    )
+    p.add_argument("--input-hw", type=int, nargs=2, metavar=("H", "W"), help="example/fixed input size")
+    p.add_argument("--with-nms", action="store_true", help="put threshold, NMS and top-k in the graph")
+    p.add_argument("--class-agnostic", action="store_true", help="NMS across classes (with --with-nms)")
+    p.add_argument("--score-threshold", type=float, help="default: the config's test_cls_threshold")
+    p.add_argument("--nms-threshold", type=float, help="default: the config's test_nms")
+    p.add_argument("--max-detections", type=int, help="default: the config's test_max_boxes_per_image")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from atssdet.export import export_onnx, onnx_signature
+
+    if args.model is None and args.weights is None:
+        raise ValueError("give --model NAME and/or --weights FILE")
+    if args.model is not None:
+        from atssdet.zoo import load
+
+        model = load(args.model, pretrained=args.weights is None, weights=args.weights)
+    else:
+        from atssdet.convert import load_weights, read_checkpoint_config
+        from atssdet.modeling.atss import build_model
+
+        cfg = read_checkpoint_config(args.weights)
+        if cfg is None:
+            raise ValueError(f"{args.weights}: carries no config (only .safetensors do); add --model NAME")
+        model = build_model(cfg).eval()
+        load_weights(model, args.weights)
+    # Exported on CPU: the graph does not depend on the device it was traced on.
+    example_hw = tuple(args.input_hw) if args.input_hw else ((213, 160) if args.dynamic else (800, 1333))
+    out = export_onnx(
+        model,
+        args.out,
+        dynamic=args.dynamic,
+        with_nms=args.with_nms,
+        opset=args.opset,
+        score_threshold=args.score_threshold,
+        nms_threshold=args.nms_threshold,
+        max_detections=args.max_detections,
+        class_agnostic=args.class_agnostic,
+        example_hw=example_hw,
+        model_name=args.model,
+    )
+    print(f"wrote {out}")
+    print(onnx_signature(out))
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (JSON API + browser page)",
+        description="Serve a detector with FastAPI + uvicorn: POST /v1/detect (multipart image upload), "
+        "GET /healthz, GET /v1/models, GET / (browser page), /openapi.json and /docs. Concurrent requests "
+        "are batched on the device. See docs/serving.md.",
+    )
+    p.add_argument("--model", choices=sorted(ZOO), help="zoo model (alone: its pretrained weights)")
+    p.add_argument(
+        "--weights", help="checkpoint (.pkl/.safetensors/.pt); without --model an atssdet .safetensors"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests run together (default 8)")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10 ms)"
+    )
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit (default 20 MB)")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="inference setting, e.g. --set test_image_short_size=512 (test_* fields only)",
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from atssdet.serve import create_app, load_serving_model, run_server
+    except ImportError as exc:
+        raise ValueError(f"serving needs the 'serve' extra (pip install 'atssdet[serve]'): {exc}") from exc
+    from atssdet.config import parse_set_option
+
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    overrides = dict(parse_set_option(item) for item in args.set)
+    model, cfg, name = load_serving_model(
+        model_name=args.model, weights=args.weights, device=args.device, overrides=overrides
+    )
+    app = create_app(
+        model,
+        model_name=name,
+        cfg=cfg,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_mb=args.max_upload_mb,
+    )
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="detect objects in images; write drawn images and a JSON",
+        description="Run a detector on image files, folders (their files, not recursive) or glob "
+        "patterns, in batches. Writes one drawn image per input and predictions.json (or, with --coco, "
+        "predictions_coco.json + images_coco.json) into --out. Unreadable files are reported and "
+        "skipped; the exit status is non-zero only when no image succeeded.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--model", choices=sorted(ZOO), help="zoo model (official weights unless --weights)")
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="checkpoint (.safetensors alone; .pkl/.pkl.gz/.pt need --model to say the architecture)",
+    )
+    p.add_argument(
+        "--out", default="runs/predict", metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=4, metavar="N", help="images per forward pass (default: 4)"
+    )
+    p.add_argument(
+        "--score-threshold", type=float, metavar="T", help="keep detections scoring > T (config: 0.05)"
+    )
+    p.add_argument("--nms-threshold", type=float, metavar="T", help="NMS IoU threshold (config: 0.6)")
+    p.add_argument("--max-detections", type=int, metavar="K", help="detections per image (config: 100)")
+    p.add_argument("--class-agnostic", action="store_true", help="one NMS across all classes")
+    p.add_argument("--classes", nargs="+", metavar="C", help="keep only these classes (names or 0-based ids)")
+    p.add_argument(
+        "--flip-tta", action="store_true", help="add a horizontally flipped pass (merged before NMS)"
+    )
+    p.add_argument("--draw-threshold", type=float, metavar="T", help="draw boxes scoring >= T (config: 0.3)")
+    p.add_argument("--no-draw", action="store_true", help="write only the JSON, no drawn images")
+    p.add_argument("--coco", action="store_true", help="write COCO results JSON (pycocotools loadRes format)")
+    p.add_argument(
+        "--coco-annotations",
+        metavar="FILE",
+        help="COCO annotation file giving image ids by file name (with --coco)",
+    )
+    p.add_argument("--short-size", type=int, metavar="S", help="test resize short side (config: 800)")
+    p.add_argument("--max-size", type=int, metavar="S", help="test resize long-side cap (config: 1333)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from atssdet.predict import Detector, predict_files
+
+    # Unreadable files are reported once, below, rather than also by the library's warnings.
+    logging.getLogger("atssdet.predict").setLevel(logging.ERROR)
+    if args.weights is not None:
+        detector = Detector.from_checkpoint(
+            args.weights,
+            model=args.model,
+            device=args.device,
+            short_size=args.short_size,
+            max_size=args.max_size,
+        )
+    elif args.model is not None:
+        detector = Detector.from_pretrained(
+            args.model, device=args.device, short_size=args.short_size, max_size=args.max_size
+        )
+    else:
+        raise ValueError("give --model NAME (official weights) or --weights FILE")
+    if args.coco_annotations is not None and not args.coco:
+        raise ValueError("--coco-annotations only makes sense with --coco")
+    report = predict_files(
+        args.paths,
+        detector=detector,
+        out_dir=args.out,
+        batch_size=args.batch_size,
+        score_threshold=args.score_threshold,
+        nms_threshold=args.nms_threshold,
+        max_detections=args.max_detections,
+        class_agnostic=args.class_agnostic,
+        classes=args.classes,
+        flip_tta=args.flip_tta,
+        draw=not args.no_draw,
+        draw_threshold=args.draw_threshold,
+        coco=args.coco,
+        coco_annotations=args.coco_annotations,
+        progress=not args.no_progress,
+    )
+    print(report.table())
+    for _, reason in report.failed:  # each reason starts with the file name
+        print(f"atssdet predict: skipped {reason}", file=sys.stderr)
+    return 0 if report.num_ok > 0 else 1
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the model zoo and what is cached",
+        description="List the five zoo models with their COCO val2017 mAP and whether their weights are "
+        "in the cache ($ATSSDET_HOME, default ~/.cache/atssdet).",
+    )
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from atssdet.download import cache_status, converted_path, raw_path
+    from atssdet.zoo import cache_dir
+
+    rows = [("model", "backbone", "COCO mAP", "cached", "file")]
+    for entry in ZOO.values():
+        status = cache_status(entry)
+        path = {"converted": converted_path(entry), "downloaded": raw_path(entry)}.get(status)
+        label = {"converted": "yes", "downloaded": "pkl only (converted on first load)", "no": "no"}[status]
+        rows.append((entry.name, entry.config.backbone, f"{entry.coco_map:.1f}", label, str(path or "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"cache: {cache_dir()}")
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -313,31 +599,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="seconds before a stuck collective fails (default 1800)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per --log-every)")
+    p.add_argument(
+        "--data-check",
+        choices=("full", "quick", "off"),
+        default="full",
+        help="dataset health check before training (`data check`): full decodes every image, quick checks "
+        "the annotation file and that images exist; fatal problems stop training (default full)",
+    )
     p.set_defaults(func=_run_train)
-
-
-def _train_split(data: str, images: str | None, split: str | None, *, flag: str) -> tuple[str, str]:
-    from pathlib import Path
-
-    from atssdet.data.coco import find_coco_split
-
-    path = Path(data)
-    if path.is_file():
-        if images is None:
-            raise ValueError(f"{flag} {data} is a JSON file: give its image folder too")
-        return str(path), images
-    if not path.is_dir():
-        raise FileNotFoundError(f"{flag} {data}: no such file or folder")
-    splits = [split] if split else (["train2017", "train"] if flag == "--data" else ["val2017", "val"])
-    errors = []
-    for name in splits:
-        try:
-            ann, image_dir = find_coco_split(path, name)
-        except ValueError as exc:  # DatasetError
-            errors.append(str(exc))
-            continue
-        return str(ann), str(image_dir)
-    raise FileNotFoundError(f"{flag} {data}: no split found ({'; '.join(errors)})")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -355,9 +624,9 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg = saved
     else:
         cfg = PRESETS["atss_res50_coco_3x_800size"]
-    if "backbone" in overrides and "fpn_in_channels" not in overrides:
-        from atssdet.config import BACKBONE_CHANNELS
+    from atssdet.config import BACKBONE_CHANNELS
 
+    if "fpn_in_channels" not in overrides and str(overrides.get("backbone")) in BACKBONE_CHANNELS:
         overrides["fpn_in_channels"] = list(BACKBONE_CHANNELS[str(overrides["backbone"])])
     cfg = with_overrides(cfg, overrides) if overrides else cfg
     train_ann, train_images = _train_split(args.data, args.images, args.split, flag="--data")
@@ -387,6 +656,7 @@ def _run_train(args: argparse.Namespace) -> int:
             log_every=args.log_every,
             progress=not args.no_progress,
             max_bad_images=args.max_bad_images,
+            data_check=args.data_check,
             dist_timeout=args.dist_timeout,
         )
         if distributed.is_main_process():
@@ -401,6 +671,30 @@ def _run_train(args: argparse.Namespace) -> int:
     finally:
         distributed.cleanup()
     return 0
+
+
+def _train_split(data: str, images: str | None, split: str | None, *, flag: str) -> tuple[str, str]:
+    from pathlib import Path
+
+    from atssdet.data.coco import find_coco_split
+
+    path = Path(data)
+    if path.is_file():
+        if images is None:
+            raise ValueError(f"{flag} {data} is a JSON file: give its image folder too")
+        return str(path), images
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag} {data}: no such file or folder")
+    splits = [split] if split else (["train2017", "train"] if flag == "--data" else ["val2017", "val"])
+    errors = []
+    for name in splits:
+        try:
+            ann, image_dir = find_coco_split(path, name)
+        except ValueError as exc:  # DatasetError
+            errors.append(str(exc))
+            continue
+        return str(ann), str(image_dir)
+    raise FileNotFoundError(f"{flag} {data}: no split found ({'; '.join(errors)})")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -449,11 +743,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atssdet", description="ATSS object detectors in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
+    _add_predict(sub)
+    _add_models(sub)
     _add_data(sub)
     _add_demo(sub)
+    _add_train(sub)
     _add_eval(sub)
     _add_table(sub)
-    _add_train(sub)
+    _add_export(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -131,8 +131,33 @@ class ATSSConfig:
 def with_overrides(cfg: ATSSConfig, overrides: dict[str, Any]) -> ATSSConfig:
     """Return ``cfg`` with fields replaced; lists become tuples, unknown names raise ValueError."""
     merged = dataclasses.asdict(cfg)
+    for key, value in overrides.items():
+        if key in merged:
+            _check_override_type(key, value, merged[key])
     merged.update(overrides)
     return ATSSConfig.from_dict(merged)
+
+
+def _check_override_type(key: str, value: Any, current: Any) -> None:
+    """Raise ValueError if ``value`` cannot replace ``current`` (same kind: bool, int, number, str, list)."""
+    if current is None:
+        return
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif isinstance(current, str):
+        ok = isinstance(value, str)
+    elif isinstance(current, tuple | list):
+        ok = isinstance(value, tuple | list)
+    else:  # pragma: no cover - every field is one of the above
+        ok = True
+    if not ok:
+        raise ValueError(
+            f"{key}={value!r}: expected {type(current).__name__} like the current value {current!r}"
+        )
 
 
 def parse_set_option(text: str) -> tuple[str, Any]:

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import tempfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,8 @@ def load_megengine_pickle(path: str | os.PathLike[str]) -> collections.OrderedDi
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise CheckpointError(f"{path}: corrupt gzip data: {exc}") from exc
+        except (OSError, EOFError, zlib.error) as exc:
+            raise CheckpointError(f"{path}: corrupt or truncated gzip data: {exc}") from exc
     if not raw.startswith(b"\x80"):
         raise CheckpointError(f"{path}: not a pickle file (a MegEngine .pkl starts with a protocol header)")
     try:
@@ -209,19 +210,49 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> ATSSConfig | None:
     except Exception as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from exc
     text = meta.get("atssdet_config")
-    return ATSSConfig.from_json(text) if text else None
+    if not text:
+        return None
+    try:
+        return ATSSConfig.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: invalid atssdet_config metadata: {exc}") from exc
+
+
+def _config_difference(saved: ATSSConfig, model: nn.Module) -> str:
+    """Fields where ``saved`` differs from ``model.cfg`` (empty if the model has no config or none differ)."""
+    current = getattr(model, "cfg", None)
+    if not isinstance(current, ATSSConfig):
+        return ""
+    a, b = saved.__dict__, current.__dict__
+    diff = [f"{k}={a[k]!r} (model: {b[k]!r})" for k in sorted(a) if a[k] != b.get(k)]
+    return ", ".join(diff)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load ``.pkl`` (MegEngine, restricted unpickler), ``.safetensors`` or ``.pt/.pth`` (``weights_only``) strictly."""
+    """Load ``.pkl`` (MegEngine, restricted unpickler), ``.safetensors`` or ``.pt/.pth`` (``weights_only``) strictly.
+
+    Any other suffix, an unreadable or corrupt file, a pickle that references anything but
+    OrderedDict/numpy, a ``.pt`` holding non-tensor values, and any key/shape mismatch raise
+    :class:`CheckpointError` naming the file.
+    """
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if suffix in (".pkl", ".pkl.gz"):
         state = megengine_to_torch(load_megengine_pickle(path), model, source=str(path))
     elif suffix == ".safetensors":
-        tensors, _ = load_safetensors(path)
-        state = megengine_to_torch({k: v.numpy() for k, v in tensors.items()}, model, source=str(path))
+        tensors, saved_cfg = load_safetensors(path)
+        try:
+            state = megengine_to_torch({k: v.numpy() for k, v in tensors.items()}, model, source=str(path))
+        except CheckpointError as exc:
+            diff = _config_difference(saved_cfg, model) if saved_cfg is not None else ""
+            if diff:
+                raise CheckpointError(
+                    f"{path}: was saved for another model configuration: {diff}\n{exc}"
+                ) from exc
+            raise
     elif suffix in (".pt", ".pth"):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -230,10 +261,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
             obj = obj["model"]
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        bad = [
+            f"{k!r}: {type(v).__name__}"
+            for k, v in obj.items()
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+        ]
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise CheckpointError(
+                f"{path}: not a state dict: {len(bad)} entr(ies) are not tensors under str keys ({shown})"
+            )
         state = megengine_to_torch(
-            {k: v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)},
-            model,
-            source=str(path),
+            {k: v.detach().cpu().numpy() for k, v in obj.items()}, model, source=str(path)
         )
     else:
         raise CheckpointError(

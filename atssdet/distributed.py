@@ -55,7 +55,12 @@ def local_rank() -> int:
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` or ``cuda`` when available else ``cpu``; a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    dev = torch.device(device) if device is not None else None
+    try:
+        dev = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r}: not a valid device (cpu, cuda, cuda:N, ...)") from exc
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
     if dev is None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda" and dev.index is None and env_world_size() > 1:

@@ -1,16 +1,194 @@
-"""Fetching official zoo checkpoints (implemented in the inference issue)."""
+"""Fetching the official zoo checkpoints: download once, verify, convert once, then work offline.
+
+``fetch_pretrained(entry)`` returns ``<cache>/<name>.safetensors``. The first call downloads
+``entry.url`` (base overridable with ``$ATSSDET_URL_BASE``) into ``atssdet.zoo.cache_dir()``
+(``$ATSSDET_HOME``, default ``~/.cache/atssdet``) with a progress bar. Bytes go to a temp file in the
+same folder; the file is checked (byte count against Content-Length, then every key and shape
+against the model and every value finite, via the restricted unpickler) and converted to
+safetensors (written atomically) before it is renamed to its final name. So a truncated, interrupted
+or corrupt download never leaves a file that a later run would trust: the temp file is deleted and
+the error names the URL and says where to put the file by hand.
+
+Later calls find the safetensors file and use no network. A MegEngine ``.pkl`` placed by hand at
+``<cache>/<official file name>`` is verified and converted on the next call.
+"""
 
 from __future__ import annotations
 
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from atssdet.convert import CheckpointError, load_megengine_pickle, megengine_to_torch, save_safetensors
 
 if TYPE_CHECKING:
     from atssdet.zoo import ZooEntry
 
+logger = logging.getLogger(__name__)
 
-def fetch_pretrained(entry: ZooEntry) -> Path:
-    raise RuntimeError(
-        f"downloading {entry.url} is not available in this version; download it yourself and pass "
-        "weights=PATH"
+_CHUNK_BYTES = 1 << 20
+_TIMEOUT_S = 60.0
+
+
+class DownloadError(CheckpointError):
+    """A zoo checkpoint could not be fetched or failed verification; the message names the URL."""
+
+
+def raw_path(entry: ZooEntry) -> Path:
+    """Where the official MegEngine file lives in the cache (also where to put it by hand)."""
+    from atssdet.zoo import cache_dir
+
+    return cache_dir() / entry.filename
+
+
+def converted_path(entry: ZooEntry) -> Path:
+    """The converted ``<cache>/<name>.safetensors`` that loads use."""
+    from atssdet.zoo import cache_dir
+
+    return cache_dir() / f"{entry.name}.safetensors"
+
+
+def cache_status(entry: ZooEntry) -> str:
+    """``"converted"`` (ready offline), ``"downloaded"`` (.pkl present, converted on next load) or ``"no"``."""
+    if converted_path(entry).is_file():
+        return "converted"
+    if raw_path(entry).is_file():
+        return "downloaded"
+    return "no"
+
+
+def _manual_help(entry: ZooEntry) -> str:
+    return (
+        f"To install it by hand, download {entry.url} on a machine with internet access, then either "
+        f"pass the file directly (atssdet.load({entry.name!r}, weights=PATH), or --model {entry.name} "
+        f"--weights PATH on the command line) or copy it to {raw_path(entry)} (it is verified and converted on the next load). "
+        "Set ATSSDET_URL_BASE to download from a mirror."
     )
+
+
+def download_file(url: str, dst: Path, *, progress: bool = True, timeout: float = _TIMEOUT_S) -> Path:
+    """Download ``url`` to a new temp file beside ``dst`` and return the temp file's path.
+
+    The caller verifies the temp file and renames it; on any failure here the temp file is removed
+    and :class:`DownloadError` raised. A byte count different from ``Content-Length`` (a connection
+    closed early) is an error.
+    """
+    from tqdm import tqdm
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
+    tmp = Path(tmp_name)
+    received = 0
+    expected: int | None = None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            request = urllib.request.Request(url, headers={"User-Agent": "atssdet"})
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    length = response.headers.get("Content-Length")
+                    expected = int(length) if length is not None and length.strip().isdigit() else None
+                    with tqdm(
+                        total=expected,
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        desc=dst.name,
+                        disable=not progress,
+                    ) as bar:
+                        while chunk := response.read(_CHUNK_BYTES):
+                            f.write(chunk)
+                            received += len(chunk)
+                            bar.update(len(chunk))
+            except urllib.error.HTTPError as exc:
+                raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+            except urllib.error.URLError as exc:
+                raise DownloadError(f"{url}: cannot connect: {exc.reason}") from exc
+            except http.client.IncompleteRead as exc:
+                got = received + len(exc.partial)
+                raise DownloadError(
+                    f"{url}: download interrupted after {got} of {expected or '?'} bytes (truncated)"
+                ) from exc
+            except (http.client.HTTPException, OSError) as exc:  # timeouts, resets
+                raise DownloadError(
+                    f"{url}: download failed after {received} bytes: {type(exc).__name__}: {exc}"
+                ) from exc
+        if expected is not None and received != expected:
+            raise DownloadError(
+                f"{url}: download incomplete: received {received} bytes, Content-Length says {expected} (truncated)"
+            )
+        if received == 0:
+            raise DownloadError(f"{url}: the server sent an empty file")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def verify_and_convert(entry: ZooEntry, pkl_path: Path, *, source: str) -> Path:
+    """Check ``pkl_path`` against ``entry``'s model (every key and shape, finite values) and write
+    ``converted_path(entry)`` atomically. ``source`` names the file in errors."""
+    from atssdet.modeling.atss import build_model
+
+    model = build_model(entry.config)
+    try:
+        arrays = load_megengine_pickle(pkl_path)
+    except CheckpointError as exc:
+        # The message names the temp path; say what it really is.
+        raise CheckpointError(str(exc).replace(str(pkl_path), source)) from exc
+    state = megengine_to_torch(arrays, model, source=source)
+    return save_safetensors(state, converted_path(entry), cfg=entry.config)
+
+
+def _usable_safetensors(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return len(list(f.keys())) > 0
+    except Exception:
+        return False
+
+
+def fetch_pretrained(entry: ZooEntry, *, progress: bool = True) -> Path:
+    """Path of ``entry``'s verified safetensors weights in the cache, downloading and converting once."""
+    converted = converted_path(entry)
+    if converted.is_file():
+        if _usable_safetensors(converted):
+            return converted
+        # Our own derived file, written atomically; if it is unreadable (disk trouble), rebuild it.
+        logger.warning("%s is unreadable; rebuilding it", converted)
+        converted.unlink()
+    raw = raw_path(entry)
+    if raw.is_file():
+        # Placed by hand or kept from an earlier run: verify before trusting, never delete it.
+        try:
+            return verify_and_convert(entry, raw, source=str(raw))
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}\nThe cached file {raw} is not a valid {entry.name} checkpoint; delete it to "
+                f"download again from {entry.url}, or replace it with a good copy."
+            ) from exc
+    url = entry.url
+    logger.info("downloading %s to %s", url, raw)
+    try:
+        tmp = download_file(url, raw, progress=progress)
+    except DownloadError as exc:
+        raise DownloadError(
+            f"cannot download pretrained weights for {entry.name}: {exc}\n{_manual_help(entry)}"
+        ) from exc
+    try:
+        converted = verify_and_convert(entry, tmp, source=url)
+        os.replace(tmp, raw)
+    except CheckpointError as exc:
+        raise DownloadError(
+            f"the file downloaded from {url} is not a valid {entry.name} checkpoint and was deleted: "
+            f"{exc}\n{_manual_help(entry)}"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return converted

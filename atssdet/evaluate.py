@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,8 +39,9 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from atssdet import distributed
-from atssdet.batching import group_by_padded_size, padded_size
+from atssdet.batching import padded_size
 from atssdet.config import ATSSConfig
+from atssdet.modeling.atss import ATSS
 from atssdet.postprocess import Detections
 
 STAT_NAMES: tuple[str, ...] = (
@@ -266,13 +267,12 @@ def image_entries(gt: COCO) -> list[ImageEntry]:
 
 
 class ModelRunner:
-    """Runs an :class:`~atssdet.modeling.atss.ATSS` model (or a DDP wrapper of one) on resized images.
+    """Evaluation's view of a :class:`~atssdet.predict.Detector`: resize in loader threads, detect in batches.
 
-    :meth:`preprocess` is the MegEngine eval resize (it runs in loader threads); :meth:`run` batches
-    resized images and post-processes to original pixels. Images are batched only with images of
-    the same padded size (the model pads to /32; padding further would change the convolutions near
-    the border), so every image gets exactly ``compat.DetEvaluator.predict``'s detections whatever
-    the batch. Unset sizes/thresholds come from ``model.cfg``.
+    :meth:`preprocess` is the MegEngine eval resize (it runs in loader threads); :meth:`batch_key`
+    plans batches from the annotation's sizes; :meth:`run` is :meth:`Detector.detect_resized`, which
+    batches only images of the same padded size, so every image gets exactly
+    ``compat.DetEvaluator.predict``'s detections whatever the batch. Unset values come from ``model.cfg``.
     """
 
     def __init__(
@@ -286,47 +286,38 @@ class ModelRunner:
         nms_threshold: float | None = None,
         max_detections: int | None = None,
     ) -> None:
-        self.model = _unwrap(model)
-        cfg = _config_of(self.model)
-        self.device = device
-        self.short_size = cfg.test_image_short_size if short_size is None else short_size
-        self.max_size = cfg.test_image_max_size if max_size is None else max_size
-        self.score_threshold = cfg.test_cls_threshold if score_threshold is None else score_threshold
-        self.nms_threshold = cfg.test_nms if nms_threshold is None else nms_threshold
-        self.max_detections = cfg.test_max_boxes_per_image if max_detections is None else max_detections
+        from atssdet.predict import Detector
+
+        core = _unwrap(model)
+        _config_of(core)
+        self.detector = Detector(cast(ATSS, core), device=device, short_size=short_size, max_size=max_size)
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.max_detections = max_detections
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """BGR uint8 ``[H, W, 3]`` -> resized ``[h, w, 3]`` (MegEngine's ``cv2.resize`` INTER_LINEAR)."""
         from atssdet.data.transforms import resize_shortest_edge
 
-        return resize_shortest_edge(image, self.short_size, self.max_size)
+        return resize_shortest_edge(image, self.detector.short_size, self.detector.max_size)
 
     def batch_key(self, height: int, width: int) -> tuple[int, int]:
         """Padded input size of an original ``height x width`` image: images with equal keys batch together."""
         from atssdet.data.transforms import get_hw_by_short_size
 
-        return padded_size(*get_hw_by_short_size(height, width, self.short_size, self.max_size))
+        return padded_size(
+            *get_hw_by_short_size(height, width, self.detector.short_size, self.detector.max_size)
+        )
 
-    @torch.inference_mode()
     def run(self, resized: list[np.ndarray], orig_hw: list[tuple[int, int]]) -> list[Detections]:
         """One :class:`Detections` per resized image, boxes in original ``(height, width)`` pixels."""
-        from atssdet.data.transforms import images_to_batch
-        from atssdet.postprocess import postprocess
-
-        out: list[Detections | None] = [None] * len(resized)
-        for idx in group_by_padded_size([im.shape[:2] for im in resized]):
-            batch = images_to_batch([resized[i] for i in idx], device=self.device)
-            dets = postprocess(
-                self.model(batch),
-                torch.tensor([resized[i].shape[:2] for i in idx], dtype=torch.float32),
-                torch.tensor([orig_hw[i] for i in idx], dtype=torch.float32),
-                score_threshold=self.score_threshold,
-                nms_threshold=self.nms_threshold,
-                max_detections=self.max_detections,
-            )
-            for i, d in zip(idx, dets, strict=True):
-                out[i] = d
-        return [d for d in out if d is not None]
+        return self.detector.detect_resized(
+            resized,
+            orig_hw,
+            score_threshold=self.score_threshold,
+            nms_threshold=self.nms_threshold,
+            max_detections=self.max_detections,
+        )
 
 
 def _config_of(model: nn.Module) -> ATSSConfig:

@@ -23,6 +23,7 @@ ends the job with :class:`~atssdet.distributed.DistributedError` instead of a ha
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import json
 import math
@@ -46,6 +47,7 @@ from torch.utils.data import Dataset
 from atssdet import distributed
 from atssdet.config import ATSSConfig
 from atssdet.criterion import atss_loss
+from atssdet.data.check import check_dataset
 from atssdet.data.coco import COCODetection, DatasetError, DetectionTarget
 from atssdet.data.collate import DetectionBatch, collate_detection
 from atssdet.data.image_io import ImageReadError
@@ -332,7 +334,8 @@ def _rng_state() -> dict[str, Any]:
             "cached_gaussian": float(np_state[4]),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The current device's generator only: the job may resume on a machine with other GPUs.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
     }
 
 
@@ -351,7 +354,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state.get("cuda"):
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 # --------------------------------------------------------------------------- data
@@ -476,6 +479,7 @@ def train(
     progress: bool = True,
     max_bad_images: int = 100,
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
+    data_check: str = "full",
 ) -> TrainResult:
     """Train an ATSS detector on a COCO-format split; see the module docstring for the recipe.
 
@@ -502,6 +506,9 @@ def train(
         log_every: JSONL record every this many iterations (default ``cfg.log_interval``).
         max_bad_images: stop with :class:`TrainingError` once more unreadable images were skipped.
         dist_timeout: seconds before a collective that waits for a dead/stuck rank fails.
+        data_check: ``"full"`` (default): :func:`atssdet.data.check.check_dataset` on the training
+            split, decoding every image, before anything else; ``"quick"``: the annotation file and
+            that the image files exist; ``"off"``. Fatal problems stop training with the report.
 
     Raises:
         TrainingError: non-finite loss (message names iteration and image ids; earlier checkpoints are
@@ -519,12 +526,36 @@ def train(
     if amp and dev.type != "cuda":
         raise ValueError(f"--amp needs a CUDA device (got {dev}); mixed precision on CPU is not supported")
     world, rank, main = info.world_size, info.rank, info.is_main
+    if cfg.backbone_norm == "SyncBN" and world > 1 and dev.type != "cuda":
+        raise ValueError(
+            "backbone_norm=SyncBN needs CUDA devices under DDP (torch's SyncBatchNorm has no CPU kernel); "
+            "use BN, GN or FrozenBN on CPU"
+        )
     global_batch = batch_size * world
     out = Path(out_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # temp files of a run killed mid-write
             stale.unlink(missing_ok=True)
+
+    if data_check not in ("full", "quick", "off"):
+        raise ValueError(f"data_check must be 'full', 'quick' or 'off', got {data_check!r}")
+    if data_check != "off":
+        # The same checks as `atssdet data check`, once (rank 0), shared so every rank stops alike.
+        report = None
+        if main:
+            report = check_dataset(
+                train_ann, train_images, read_images=data_check == "full", progress=progress
+            )
+            if report.ok and report.warnings:
+                print(
+                    f"atssdet train: data check: {len(report.warnings)} kind(s) of warning in {train_ann}; "
+                    "`python -m atssdet data check` lists them",
+                    file=sys.stderr,
+                )
+        report = distributed.broadcast_object(report)
+        assert report is not None
+        report.raise_if_fatal()
 
     dataset = COCODetection(
         train_ann,
@@ -724,7 +755,7 @@ def train(
     data_iter = iter(loader)
     empty_image = torch.zeros((1, 3, 32, 32), device=dev)
     t_last = time.perf_counter()
-    step_times: list[float] = []
+    step_times: collections.deque[float] = collections.deque(maxlen=20)  # for the ETA
     try:
         for iteration in range(start_iter, end_iter):
             if stall is not None and stall[0] == rank and iteration == int(stall[1]):
@@ -797,8 +828,7 @@ def train(
             iter_time = now - t_last
             t_last = now
             step_times.append(iter_time)
-            recent = step_times[-20:]
-            eta = sum(recent) / len(recent) * (end_iter - done)
+            eta = sum(step_times) / len(step_times) * (end_iter - done)
             record = {"iteration": done, **dict(zip(LOSS_NAMES, mean_losses, strict=True)), "lr": lr}
             result.losses.append(record)
             result.iteration = done

@@ -19,6 +19,7 @@ import torch
 
 import atssdet.train as train_mod
 from atssdet.config import PRESETS, ATSSConfig, with_overrides
+from atssdet.data.check import DatasetCheckError
 from atssdet.data.coco import COCODetection
 from atssdet.data.sampler import GroupedBatchSampler
 from atssdet.data.synth import generate_synthetic_dataset
@@ -110,12 +111,12 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def reference_run(
     dataset: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[train_mod.TrainResult, Path]:
-    """An uninterrupted 40-iteration run with checkpoints every 10 iterations and validation every 20."""
+    """An uninterrupted 50-iteration run with checkpoints every 10 iterations and validation every 25."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("reference")
     result = run_tiny(
-        dataset, out, max_iters=40, checkpoint_every=10, val_ann=dataset.val_ann,
-        val_images=dataset.val_images, eval_every=20,
+        dataset, out, max_iters=50, checkpoint_every=10, val_ann=dataset.val_ann,
+        val_images=dataset.val_images, eval_every=25,
     )  # fmt: skip
     return result, out
 
@@ -141,14 +142,14 @@ def test_loss_falls_by_half_and_files_are_written(reference_run):
     """Acceptance 4.3: the tiny model's loss falls to at most half on the synthetic set; logs and weights exist."""
     result, out = reference_run
     totals = [r["total_loss"] for r in result.losses]
-    assert len(totals) == 40 and all(math.isfinite(t) for t in totals)
+    assert len(totals) == 50 and all(math.isfinite(t) for t in totals)
     first, last = float(np.mean(totals[:3])), float(np.mean(totals[-5:]))
     print(f"loss {first:.3f} -> {last:.3f} (ratio {last / first:.2f})")
     assert last <= 0.5 * first
 
     # Checkpoints every 10 iterations, last.pt is the newest (same file), final weights loadable.
-    assert [p.name for p in list_checkpoints(out)] == [f"iter_{i:08d}.pt" for i in (40, 30, 20, 10)]
-    assert (out / "last.pt").samefile(out / "iter_00000040.pt")
+    assert [p.name for p in list_checkpoints(out)] == [f"iter_{i:08d}.pt" for i in (50, 40, 30, 20, 10)]
+    assert (out / "last.pt").samefile(out / "iter_00000050.pt")
     state = load_checkpoint(out / "iter_00000020.pt")
     assert state["iteration"] == 20 and state["world_size"] == 1 and state["batch_size"] == 2
     assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
@@ -158,26 +159,26 @@ def test_loss_falls_by_half_and_files_are_written(reference_run):
 
     model = load_model(weights=out / "model_final.safetensors")  # what `eval/predict --weights` do
     assert model.cfg.num_classes == 6
-    final = load_checkpoint(out / "iter_00000040.pt")["model"]
+    final = load_checkpoint(out / "iter_00000050.pt")["model"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, final[key]), key
 
     lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "total_loss" in r]
-    assert [r["iteration"] for r in steps] == list(range(1, 41))
+    assert [r["iteration"] for r in steps] == list(range(1, 51))
     assert {"lr", "time", "data_time", "eta", "max_mem_mb", "loss_cls", "loss_bbox", "loss_ctr"} <= set(
         steps[0]
     )
     assert steps[-1]["total_loss"] == totals[-1]
-    assert [r["event"] for r in lines if "event" in r].count("checkpoint") == 4
+    assert [r["event"] for r in lines if "event" in r].count("checkpoint") == 5
 
-    # Periodic validation (COCO mAP of the in-memory model) at 20 and at the end.
-    assert [e["iteration"] for e in result.evals] == [20, 40]
+    # Periodic validation (COCO mAP of the in-memory model) at 25 and at the end.
+    assert [e["iteration"] for e in result.evals] == [25, 50]
     evals = [r for r in lines if r.get("event") == "eval"]
-    assert [r["iteration"] for r in evals] == [20, 40]
+    assert [r["iteration"] for r in evals] == [25, 50]
     assert all(0.0 <= r["bbox/AP"] <= 1.0 or r["bbox/AP"] == -1.0 for r in evals)
-    assert (out / "eval" / "iter_00000040.results.json").is_file()
-    assert (out / "eval" / "iter_00000040.metrics.json").is_file()
+    assert (out / "eval" / "iter_00000050.results.json").is_file()
+    assert (out / "eval" / "iter_00000050.metrics.json").is_file()
 
 
 def dataset_classes() -> tuple[str, ...]:
@@ -193,7 +194,7 @@ def test_interrupted_run_resumes_with_identical_losses(dataset, reference_run, t
     out = tmp_path / "run"
     monkeypatch.setattr(train_mod, "atss_loss", _PatchedLoss(at=13, exc=KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        run_tiny(dataset, out, max_iters=40, checkpoint_every=10)
+        run_tiny(dataset, out, max_iters=50, checkpoint_every=10)
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(out)] == ["iter_00000010.pt"]
 
@@ -238,11 +239,16 @@ def test_unreadable_images_are_skipped_counted_and_limited(tmp_path):
     ds = make_dataset(tmp_path / "synth", num_train=4, num_val=0)
     bad = sorted(Path(ds.train_images).iterdir())[1]
     bad.write_bytes(b"not an image")
-    result = run_tiny(ds, tmp_path / "ok", max_iters=4, checkpoint_every=100)
+    # The start-up check refuses it (fatal: unreadable image) and names the file ...
+    with pytest.raises(DatasetCheckError, match=bad.name):
+        run_tiny(ds, tmp_path / "checked", max_iters=4, checkpoint_every=100)
+    assert not (tmp_path / "checked" / "last.pt").exists()
+    # ... and an image that breaks after the check (data_check="quick" only sees that it exists) is skipped.
+    result = run_tiny(ds, tmp_path / "ok", max_iters=4, checkpoint_every=100, data_check="quick")
     assert result.iteration == 4 and result.skipped_images
     assert all(bad.name in s for s in result.skipped_images)
     with pytest.raises(TrainingError, match="more than the limit of 0"):
-        run_tiny(ds, tmp_path / "stop", max_iters=4, checkpoint_every=100, max_bad_images=0)
+        run_tiny(ds, tmp_path / "stop", max_iters=4, checkpoint_every=100, max_bad_images=0, data_check="off")
 
 
 def test_amp_needs_cuda(dataset, tmp_path):
@@ -345,3 +351,24 @@ def test_cli_train_rejects_bad_data_arguments(tmp_path, capsys):
     (tmp_path / "ann.json").write_text("{}")
     assert main(["train", "--data", str(tmp_path / "ann.json"), "--out", str(tmp_path / "o")]) == 2
     assert "give its image folder too" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_layout_or_config(dataset, reference_run, tmp_path):
+    """Resuming with another processes x batch layout or another config would not continue the same
+    run: refused, naming the difference."""
+    _, ref_out = reference_run
+    ckpt = ref_out / "iter_00000010.pt"
+    with pytest.raises(
+        ValueError, match=r"1 process\(es\) x batch 2; resume with the same layout \(now 1 x 1\)"
+    ):
+        run_tiny(dataset, tmp_path / "a", batch_size=1, max_iters=12, resume=ckpt)
+    other = with_overrides(TINY_CFG, {"head_num_convs": 2})
+    with pytest.raises(ValueError, match="head_num_convs: checkpoint 1, now 2"):
+        train(other, train_ann=dataset.train_ann, train_images=dataset.train_images, out_dir=tmp_path / "b",
+              max_iters=12, resume=ckpt, num_workers=0, progress=False, device="cpu")  # fmt: skip
+
+
+def test_keep_checkpoints_prunes_old_files(dataset, tmp_path):
+    result = run_tiny(dataset, tmp_path, max_iters=4, checkpoint_every=1, keep_checkpoints=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_00000004.pt", "iter_00000003.pt"]
+    assert (tmp_path / "last.pt").samefile(tmp_path / "iter_00000004.pt") and result.iteration == 4

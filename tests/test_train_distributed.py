@@ -50,6 +50,8 @@ def train_worker(rank: int, world_size: int, port: int, root: str, out: str, res
             train_ann=root_path / "annotations" / "instances_train.json",
             train_images=root_path / "train",
             out_dir=out,
+            val_ann=root_path / "annotations" / "instances_val.json",
+            val_images=root_path / "val",
             batch_size=1,
             max_iters=ITERS,
             checkpoint_every=2,
@@ -59,7 +61,7 @@ def train_worker(rank: int, world_size: int, port: int, root: str, out: str, res
             device="cpu",
             dist_timeout=60,
         )
-        Path(f"{result_file}.{rank}").write_text(json.dumps(result.losses))
+        Path(f"{result_file}.{rank}").write_text(json.dumps({"losses": result.losses, "evals": result.evals}))
     finally:
         distributed.cleanup()
 
@@ -69,7 +71,7 @@ def test_two_gloo_ranks_give_the_single_process_losses(tmp_path):
     the same loss sequence (within 1e-5 relative), the same lr, and the same trained weights."""
     from atssdet.train import load_checkpoint, train
 
-    ds = make_dataset(tmp_path / "synth", num_train=8, num_val=0)
+    ds = make_dataset(tmp_path / "synth", num_train=8, num_val=3)
     single = train(
         TINY_CFG, train_ann=ds.train_ann, train_images=ds.train_images, out_dir=tmp_path / "single",
         batch_size=2, max_iters=ITERS, checkpoint_every=2, num_workers=0, progress=False, device="cpu",
@@ -82,8 +84,13 @@ def test_two_gloo_ranks_give_the_single_process_losses(tmp_path):
         join=True,
     )
     per_rank = [json.loads(Path(f"{result_file}.{r}").read_text()) for r in range(2)]
-    assert per_rank[0] == per_rank[1]  # every rank logs the all-reduced mean
-    dist_losses = per_rank[0]
+    assert per_rank[0]["losses"] == per_rank[1]["losses"]  # every rank logs the all-reduced mean
+    dist_losses = per_rank[0]["losses"]
+    # Validation of the DDP model at the end: images sharded over the ranks, every rank gets the report.
+    assert per_rank[0]["evals"] == per_rank[1]["evals"]
+    assert [e["iteration"] for e in per_rank[0]["evals"]] == [ITERS]
+    metrics = json.loads((tmp_path / "dist" / "eval" / f"iter_{ITERS:08d}.metrics.json").read_text())
+    assert metrics["num_images"] == 3
     assert [r["iteration"] for r in dist_losses] == list(range(1, ITERS + 1))
     for d, s in zip(dist_losses, single.losses, strict=True):
         assert d["lr"] == s["lr"]

@@ -65,8 +65,23 @@ Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.nda
 SampleKey = int | tuple[int, int]
 
 
+# Image sides are checked against a bound so that absurd JSON integers fail here, not in numpy.
+_MAX_SIDE = 2**31
+_SIDE_RULE = "a positive integer below 2**31"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+_MAX_ID = 2**63  # ids are indexed as int64
+
+
+def _is_id(value: Any) -> bool:
+    return _is_int(value) and -_MAX_ID <= value < _MAX_ID
+
+
+_ID_RULE = "an integer within the 64-bit range"
 
 
 def _is_number(value: Any) -> bool:
@@ -107,7 +122,7 @@ class COCODetection(Dataset):
         cat_names: dict[int, str] = {}
         for i, cat in enumerate(cats):
             where = f"categories[{i}]"
-            cat_id = _require_field(cat, "id", _is_int, "an integer", src, where)
+            cat_id = _require_field(cat, "id", _is_id, _ID_RULE, src, where)
             name = _require_field(cat, "name", lambda v: isinstance(v, str), "a string", src, where)
             if cat_id in cat_names:
                 raise DatasetError(f"{src}: {where}: duplicate category id {cat_id}")
@@ -127,27 +142,28 @@ class COCODetection(Dataset):
                 height, width = img.get("height"), img.get("width")
                 if (
                     type(image_id) is int
+                    and -_MAX_ID <= image_id < _MAX_ID
                     and type(file_name) is str
                     and file_name
                     and type(height) is int
                     and type(width) is int
-                    and height > 0
-                    and width > 0
+                    and 0 < height < _MAX_SIDE
+                    and 0 < width < _MAX_SIDE
                     and image_id not in infos
                 ):
                     infos[image_id] = ImageInfo(image_id, file_name, height, width)
                     continue
             where = f"images[{i}]"
-            image_id = _require_field(img, "id", _is_int, "an integer", src, where)
+            image_id = _require_field(img, "id", _is_id, _ID_RULE, src, where)
             where = f"images[{i}] (id {image_id})"
             file_name = _require_field(
                 img, "file_name", lambda v: isinstance(v, str) and v != "", "a non-empty string", src, where
             )
             height = _require_field(
-                img, "height", lambda v: _is_int(v) and v > 0, "a positive integer", src, where
+                img, "height", lambda v: _is_int(v) and 0 < v < _MAX_SIDE, _SIDE_RULE, src, where
             )
             width = _require_field(
-                img, "width", lambda v: _is_int(v) and v > 0, "a positive integer", src, where
+                img, "width", lambda v: _is_int(v) and 0 < v < _MAX_SIDE, _SIDE_RULE, src, where
             )
             if image_id in infos:
                 raise DatasetError(f"{src}: {where}: duplicate image id {image_id}")
@@ -178,11 +194,17 @@ class COCODetection(Dataset):
         n = len(anns)
         ok = True
         try:
-            image_col = np.array([a["image_id"] for a in anns])
-            cat_col = np.array([a["category_id"] for a in anns])
-            bbox_col = np.array([a["bbox"] for a in anns])
-            crowd_col = np.array([a.get("iscrowd", 0) for a in anns])
-        except (KeyError, TypeError, ValueError, AttributeError):
+            image_vals = [a["image_id"] for a in anns]
+            cat_vals = [a["category_id"] for a in anns]
+            bbox_vals = [a["bbox"] for a in anns]
+            crowd_vals = [a.get("iscrowd", 0) for a in anns]
+            image_col, cat_col = np.array(image_vals), np.array(cat_vals)
+            bbox_col, crowd_col = np.array(bbox_vals), np.array(crowd_vals)
+            # numpy turns a JSON true/false mixed with integers into 1/0; a bool is not an id or a coordinate
+            ok = bool not in set(map(type, image_vals + cat_vals + crowd_vals))
+            if ok and bbox_col.dtype.kind in "iuf":
+                ok = bool not in {type(v) for box in bbox_vals for v in box}
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             ok = False
         if ok and n > 0:
             ok = (
@@ -312,11 +334,18 @@ def _check_annotation(
         src,
         where,
     )
-    if not all(math.isfinite(x) for x in bbox):
+    if not all(_finite(x) for x in bbox):
         raise DatasetError(f"{src}: {where}: bbox {bbox} holds a non-finite value")
     iscrowd = ann.get("iscrowd", 0)
     if iscrowd not in (0, 1) or not _is_int(iscrowd):
         raise DatasetError(f"{src}: {where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer too large for a float
+        return False
 
 
 def _load_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from atssdet.cli import main
+from atssdet.convert import save_safetensors
+from tests.conftest import run_cli
+
+SIZE_ARGS = ["--short-size", "160", "--max-size", "256", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def r18_safetensors(r18_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "r18.safetensors"
+    return save_safetensors(r18_model.state_dict(), path, cfg=r18_model.cfg)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path, reference_dir: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(reference_dir / "cat.jpg", folder / "cat.jpg")
+    cv2.imwrite(
+        str(folder / "small.png"), np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    )
+    (folder / "corrupt.jpg").write_bytes((reference_dir / "cat.jpg").read_bytes()[:2000][::-1])
+    (folder / "notes.txt").write_text("not an image\n")
+    return folder
+
+
+def test_cli_folder_with_bad_files_coco(mixed_folder: Path, tmp_path: Path, r18_safetensors: Path) -> None:
+    out = tmp_path / "out"
+    # --weights alone: the safetensors file carries the model config.
+    proc = run_cli(
+        "predict",
+        str(mixed_folder),
+        "--weights",
+        str(r18_safetensors),
+        "--out",
+        str(out),
+        "--coco",
+        *SIZE_ARGS,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "corrupt.jpg" in proc.stderr and "notes.txt" in proc.stderr  # both bad files named
+    assert "2 image(s) done, 2 failed" in proc.stdout and "cat.jpg" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cat.jpg",
+        "images_coco.json",
+        "predictions_coco.json",
+        "small.png",
+    ]
+    assert cv2.imread(str(out / "cat.jpg")).shape == (612, 459, 3)
+    from pycocotools.coco import COCO
+
+    gt = COCO(str(out / "images_coco.json"))
+    dt = gt.loadRes(str(out / "predictions_coco.json"))
+    # Image ids are 1-based positions in the sorted folder listing, so failures do not shift them.
+    assert sorted(dt.getImgIds()) == [1, 4] and len(dt.getAnnIds()) == 200
+    assert {im["file_name"] for im in gt.dataset["images"]} == {"cat.jpg", "small.png"}
+    assert min(a["category_id"] for a in dt.dataset["annotations"]) >= 1
+
+
+def test_cli_json_output_and_options(
+    mixed_folder: Path, tmp_path: Path, r18_safetensors: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    args = [str(mixed_folder / "cat.jpg"), str(mixed_folder / "*.txt"), "--weights", str(r18_safetensors)]
+    code = main(
+        ["predict", *args, "--out", str(out), "--classes", "spoon", "chair", "--batch-size", "2", *SIZE_ARGS]
+    )
+    captured = capsys.readouterr()
+    assert code == 0 and "notes.txt" in captured.err
+    doc = json.loads((out / "predictions.json").read_text())
+    (image,) = doc["images"]
+    assert image["file"].endswith("cat.jpg") and image["height"] == 612 and image["width"] == 459
+    assert {d["name"] for d in image["detections"]} == {"spoon", "chair"}
+    assert [f["file"] for f in doc["failed"]] == [str(mixed_folder / "notes.txt")]
+
+
+def test_cli_nothing_readable_fails(tmp_path: Path, r18_safetensors: Path, capsys) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"garbage")
+    (folder / "b.txt").write_text("text")
+    code = main(
+        ["predict", str(folder), "--weights", str(r18_safetensors), "--out", str(tmp_path / "o"), *SIZE_ARGS]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "a.jpg" in captured.err and "b.txt" in captured.err and "0 image(s) done" in captured.out
+
+
+def test_cli_pkl_weights_need_model(r18_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    code = main(["predict", str(tmp_path), "--weights", str(r18_checkpoint), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--model NAME" in err and str(r18_checkpoint) in err
+
+
+def test_cli_models_lists_zoo_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("ATSSDET_HOME", str(tmp_path))
+    (tmp_path / "atss_res50_coco_3x_800size.safetensors").write_bytes(b"x")
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[2:7]}
+    assert len(rows) == 5 and "42.6" in rows["atss_res50_coco_3x_800size"]
+    assert "yes" in rows["atss_res50_coco_3x_800size"] and " no " in rows["atss_res18_coco_3x_800size"] + " "
+    assert "45.6" in rows["atss_resx101_coco_2x_800size"]
