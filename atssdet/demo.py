@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from atssdet.config import DEMO_PRESETS, ATSSConfig, with_overrides
+from atssdet.data.image_io import read_image
 from atssdet.data.synth import SynthDataset, generate_synthetic_dataset
 
 DEMO_MODEL = "atss_demo_cpu"
@@ -43,6 +44,8 @@ HISTORY_NAME = "history.json"
 PLOT_NAME = "training.png"
 PREDICTIONS_DIR = "predictions"
 GRID_NAME = "detections.png"
+DRAW_SCORE_THRESHOLD = 0.35  # drawn pictures only
+DRAW_NMS = 0.5  # drawn pictures only: class-agnostic
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,8 @@ class DemoResult:
             f"detections  {self.grid} and {len(self.predictions)} images in {self.predictions[0].parent}"
             if self.predictions
             else f"detections  {self.grid}",
-            f"try:        python -m atssdet predict --weights {self.checkpoint} IMAGE",
+            f"try:        python -m atssdet predict --weights {self.checkpoint} --class-agnostic "
+            f"--nms-threshold {DRAW_NMS} --draw-threshold {DRAW_SCORE_THRESHOLD} IMAGE ...",
         ]
         return "\n".join(lines)
 
@@ -377,7 +381,7 @@ def run_demo(
     metrics_path = write_json(metrics, out / METRICS_NAME)
 
     # 4. detections on held-out images
-    predictions, grid = _draw_predictions(model, dataset, plan.num_predict, out, dev)
+    predictions, grid = _draw_predictions(checkpoint, dataset, plan.num_predict, out, dev)
 
     # 5. the plot
     minutes = history.get("train_seconds")
@@ -467,39 +471,46 @@ def _train(
 
 
 def _draw_predictions(
-    model: torch.nn.Module, dataset: SynthDataset, count: int, out: Path, dev: torch.device
+    checkpoint: Path, dataset: SynthDataset, count: int, out: Path, dev: torch.device
 ) -> tuple[list[Path], Path]:
-    """Detect on the first ``count`` val images (never trained on); write each drawn image and a grid."""
-    from atssdet.data.image_io import read_image
-    from atssdet.evaluate import ModelRunner, image_entries, load_coco
+    """``predict`` on the first ``count`` val images (never trained on); write each drawn image and a grid.
 
-    cfg: ATSSConfig = model.cfg  # type: ignore[assignment]
-    runner = ModelRunner(model, device=dev)
+    The pictures use one class-agnostic NMS (IoU :data:`DRAW_NMS`) and a score threshold of
+    :data:`DRAW_SCORE_THRESHOLD`, so each object shows its best label once. The COCO evaluation
+    uses the config's per-class NMS and 0.05 threshold, as MegEngine does.
+    """
+    from atssdet.evaluate import image_entries, load_coco
+    from atssdet.predict import Detector
+
+    detector = Detector.from_checkpoint(checkpoint, device=dev)
     folder = out / PREDICTIONS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):
         stale.unlink()
+    files = [dataset.val_images / e.file_name for e in image_entries(load_coco(dataset.val_ann))[:count]]
+    results = detector.predict(
+        [str(f) for f in files],
+        score_threshold=DRAW_SCORE_THRESHOLD,
+        nms_threshold=DRAW_NMS,
+        class_agnostic=True,
+    )
     paths: list[Path] = []
     drawn: list[np.ndarray] = []
-    for entry in image_entries(load_coco(dataset.val_ann))[:count]:
-        image = read_image(dataset.val_images / entry.file_name)
-        dets = runner.run([runner.preprocess(image)], [(image.shape[0], image.shape[1])])[0]
-        keep = dets.scores >= cfg.test_vis_threshold
-        canvas = draw_detections(
-            image,
-            dets.boxes[keep].cpu().numpy(),
-            dets.scores[keep].cpu().numpy(),
-            dets.labels[keep].cpu().numpy(),
-            cfg.class_names,
+    for file, dets in zip(files, results, strict=True):
+        canvas = draw_enlarged(
+            read_image(file),
+            dets.boxes.cpu().numpy(),
+            dets.scores.cpu().numpy(),
+            dets.labels.cpu().numpy(),
+            detector.cfg.class_names,
         )
-        path = write_image(folder / (Path(entry.file_name).stem + ".png"), canvas)
-        paths.append(path)
+        paths.append(write_image(folder / (file.stem + ".png"), canvas))
         drawn.append(canvas)
     grid = write_image(out / GRID_NAME, make_grid(drawn))
     return paths, grid
 
 
-def draw_detections(
+def draw_enlarged(
     image: np.ndarray,
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -508,34 +519,14 @@ def draw_detections(
     *,
     min_side: int = 384,
 ) -> np.ndarray:
-    """Draw ``boxes`` [K, 4] xyxy with ``"name score"`` captions on a copy of ``image`` (BGR uint8).
+    """:func:`atssdet.visualize.draw_detections` on a copy of ``image`` enlarged for readable captions.
 
-    Small images are first enlarged by an integer factor (nearest neighbour) so that the short side
-    is at least ``min_side`` and the captions stay readable; boxes are scaled alike.
+    The image (BGR uint8) is enlarged by an integer factor (nearest neighbour, pixels stay crisp) so
+    that its short side is at least ``min_side``; ``boxes`` [K, 4] xyxy are scaled alike.
     """
+    from atssdet.visualize import draw_detections
+
     scale = max(1, math.ceil(min_side / max(1, min(image.shape[:2]))))
-    canvas = (
-        cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        if scale > 1
-        else image.copy()
-    )
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    for i in np.argsort(scores, kind="stable"):  # best boxes drawn last, on top
-        label = int(labels[i])
-        colour = _class_colour(label)
-        x1, y1, x2, y2 = (int(round(float(v) * scale)) for v in boxes[i])
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, 2)
-        name = class_names[label] if 0 <= label < len(class_names) else str(label)
-        caption = f"{name} {float(scores[i]):.2f}"
-        (tw, th), base = cv2.getTextSize(caption, font, 0.45, 1)
-        top = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1 + 2
-        left = min(max(x1, 0), max(canvas.shape[1] - tw - 2, 0))
-        cv2.rectangle(canvas, (left, top), (left + tw + 2, top + th + base + 2), colour, cv2.FILLED)
-        cv2.putText(canvas, caption, (left + 1, top + th + 1), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return canvas
-
-
-def _class_colour(label: int) -> tuple[int, int, int]:
-    hsv = np.array([[[(label * 37) % 180, 200, 255]]], dtype=np.uint8)
-    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
-    return int(b), int(g), int(r)
+    big = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) if scale > 1 else image
+    boxes_big = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale
+    return draw_detections(big, boxes_big, scores, labels, class_names, thickness=2)

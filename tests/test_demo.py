@@ -17,7 +17,7 @@ from atssdet.demo import (
     DemoPlan,
     checkpoint_matches,
     demo_config,
-    draw_detections,
+    draw_enlarged,
     make_grid,
     run_demo,
 )
@@ -89,10 +89,10 @@ def test_demo_rerun_reuses_data_and_model(demo_run) -> None:
     assert metrics["stats"] == pytest.approx(first.stats)  # same weights, same val images
 
 
-def test_draw_detections_scales_boxes_with_the_image() -> None:
+def test_draw_enlarged_scales_boxes_with_the_image() -> None:
     image = np.zeros((100, 120, 3), dtype=np.uint8)
     boxes = np.array([[10.0, 20.0, 50.0, 60.0]])
-    drawn = draw_detections(image, boxes, np.array([0.9]), np.array([3]), SHAPE_CLASSES, min_side=400)
+    drawn = draw_enlarged(image, boxes, np.array([0.9]), np.array([3]), SHAPE_CLASSES, min_side=400)
     assert drawn.shape == (400, 480, 3)  # enlarged 4x
     # the box outline lies on the scaled coordinates (40, 80)-(200, 240); its inside stays black
     assert drawn[160, 40].any() and drawn[160, 200].any() and drawn[240, 120].any()
