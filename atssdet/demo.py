@@ -451,6 +451,7 @@ def _train(
         num_workers=num_workers,
         seed=plan.seed,
         progress=progress,
+        data_check="quick",  # the generator just wrote (or verified) every file; no need to decode all
     )
     seconds = time.perf_counter() - t0
     if result.weights is None or not result.weights.is_file():
