@@ -178,10 +178,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give a finished temp file normal permissions (mkstemp makes it 0600) and rename it to ``path``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def write_image(path: Path, image: np.ndarray) -> Path:
@@ -198,7 +206,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        _publish(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -265,7 +273,7 @@ def plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
@@ -408,9 +416,11 @@ def run_demo(
 
 
 def write_json(obj: Any, path: Path) -> Path:
-    from atssdet.evaluate import _json_safe, write_json_atomic
+    """``obj`` as indented JSON (NaN/inf become null), written atomically."""
+    from atssdet.evaluate import _json_safe
 
-    return write_json_atomic(_json_safe(obj), path)
+    _write_atomic(path, (json.dumps(_json_safe(obj), indent=1) + "\n").encode())
+    return path
 
 
 def _train(

@@ -128,3 +128,33 @@ def test_demo_preset_and_plan_checks() -> None:
         num_train=4, num_val=2, image_size=(64, 64), seed=0, batch_size=2, eval_every=1, num_predict=1
     )
     assert demo_config(plan).extra["demo"]["image_size"] == [64, 64]
+
+
+def test_cosine_schedule_and_adamw_for_the_demo_preset() -> None:
+    """The trainer options the preset relies on: cosine lr after a linear warm-up, and AdamW."""
+    import math
+
+    from atssdet.config import PRESETS, with_overrides
+    from atssdet.train import build_optimizer, learning_rate, total_iterations
+
+    cfg = DEMO_PRESETS["atss_demo_cpu"]
+    assert (cfg.optimizer, cfg.lr_schedule) == ("AdamW", "cosine")
+    assert total_iterations(cfg, 8) == 2000
+    base = cfg.basic_lr * 8
+    assert learning_rate(cfg, 1000, global_batch=8) == pytest.approx(base / 2)
+    assert learning_rate(cfg, 49, global_batch=8) == pytest.approx(
+        base * 0.5 * (1 + math.cos(math.pi * 49 / 2000)) * 50 / 100
+    )
+    assert learning_rate(cfg, 1500, global_batch=8) == pytest.approx(
+        base * 0.5 * (1 + math.cos(0.75 * math.pi))
+    )
+    assert learning_rate(cfg, 1999, global_batch=8) < base * 1e-5
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer(cfg, params, lr=0.1), torch.optim.AdamW)
+    zoo = PRESETS["atss_res18_coco_3x_800size"]
+    assert (zoo.optimizer, zoo.lr_schedule) == ("SGD", "step")
+    assert isinstance(build_optimizer(zoo, params, lr=0.1), torch.optim.SGD)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer(with_overrides(zoo, {"optimizer": "Adam"}), params, lr=0.1)
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        learning_rate(with_overrides(zoo, {"lr_schedule": "poly"}), 0, global_batch=8)
