@@ -52,8 +52,8 @@ DRAW_NMS = 0.5  # drawn pictures only: class-agnostic
 class DemoPlan:
     """Dataset and run sizes of a demo; the learning-rate schedule itself is in the config.
 
-    ``schedule`` overrides config fields (``nr_images_epoch``, ``max_epoch``, ``warm_iters``,
-    ``lr_decay_stages``): training runs ``max_epoch`` epochs of ``nr_images_epoch`` images.
+    ``schedule`` overrides config fields (e.g. ``nr_images_epoch``, ``max_epoch``, ``warm_iters``):
+    training runs ``max_epoch`` epochs of ``nr_images_epoch // batch_size`` iterations.
     """
 
     num_train: int
@@ -83,7 +83,7 @@ QUICK_PLAN = DemoPlan(
     batch_size=4,
     eval_every=3,
     num_predict=2,
-    schedule=(("nr_images_epoch", 16), ("max_epoch", 2), ("warm_iters", 2), ("lr_decay_stages", (1,))),
+    schedule=(("nr_images_epoch", 16), ("max_epoch", 2), ("warm_iters", 2)),
 )
 
 
@@ -126,13 +126,6 @@ def demo_config(plan: DemoPlan, *, model: str = DEMO_MODEL) -> ATSSConfig:
         raise ValueError(f"unknown demo model {model!r}; expected one of {', '.join(DEMO_PRESETS)}")
     cfg = with_overrides(DEMO_PRESETS[model], dict(plan.schedule))
     return dataclasses.replace(cfg, extra={"demo": plan.to_dict()})
-
-
-def total_iterations(cfg: ATSSConfig, batch_size: int) -> int:
-    """Iterations of the schedule: ``max_epoch`` epochs of ``nr_images_epoch // batch_size`` (trainer's rule)."""
-    from atssdet.train import total_iterations as _total
-
-    return _total(cfg, batch_size)
 
 
 def checkpoint_matches(path: Path, cfg: ATSSConfig) -> bool:
@@ -323,11 +316,20 @@ def run_demo(
     """
     from atssdet.distributed import resolve_device
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
+    previous_threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(choose_threads(threads))
+    try:
+        return _run_demo(Path(out_dir), plan, retrain, dev, num_workers, progress)
+    finally:  # a library call must not leave the process single-threaded
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(
+    out: Path, plan: DemoPlan, retrain: bool, dev: torch.device, num_workers: int, progress: bool
+) -> DemoResult:
+    out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(plan)
 
     def say(msg: str) -> None:
@@ -434,7 +436,7 @@ def _train(
     say: Any,
 ) -> tuple[dict[str, Any], float]:
     """Train from scratch into ``out/train``; copy the final weights to ``out/model.safetensors``."""
-    from atssdet.train import train
+    from atssdet.train import total_iterations, train
 
     train_dir = out / "train"
     if train_dir.exists():

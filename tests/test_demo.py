@@ -158,3 +158,16 @@ def test_cosine_schedule_and_adamw_for_the_demo_preset() -> None:
         build_optimizer(with_overrides(zoo, {"optimizer": "Adam"}), params, lr=0.1)
     with pytest.raises(ValueError, match="unknown lr_schedule"):
         learning_rate(with_overrides(zoo, {"lr_schedule": "poly"}), 0, global_batch=8)
+
+
+def test_run_demo_restores_the_thread_count(demo_run) -> None:
+    """``threads=1`` applies to the demo only; the calling process keeps its own setting."""
+    out, _ = demo_run
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        again = run_demo(out, plan=QUICK_PLAN, device="cpu", threads=1, progress=False)  # reuses the model
+        assert not again.trained
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
