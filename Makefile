@@ -23,8 +23,14 @@ chromium:
 			|| echo "warning: could not install chromium; the browser test will be skipped"; \
 	else echo "note: chromium missing and apt-get unavailable (or not root); the browser test will be skipped"; fi
 
-# The main job (see README).
+# The main job (see README and docs/demo.md): synthetic data, train a CPU-sized ATSS from scratch,
+# COCO mAP on the val split, drawn detections, loss/mAP plot, checkpoint -> runs/demo/.
+# Re-running reuses the data and the trained model; DEMO_ARGS=--retrain trains again.
 demo: setup
+	$(PY) -m atssdet demo --out runs/demo $(DEMO_ARGS)
+
+# Detections of the converted MegEngine res18 reference checkpoint on the sample image.
+predict-sample: setup
 	$(PY) -m atssdet predict ../shared/reference/megengine/cat.jpg \
 		--model atss_res18_coco_3x_800size \
 		--weights ../shared/reference/megengine/atss_res18_coco_3x_800size.seed0.pkl.gz \

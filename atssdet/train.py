@@ -94,9 +94,19 @@ def learning_rate(cfg: ATSSConfig, iteration: int, *, global_batch: int) -> floa
 
     ``basic_lr * global_batch * lr_decay_rate ** (number of decay stages <= epoch)``, times
     ``(iteration + 1) / warm_iters`` during the first ``warm_iters`` iterations of epoch 0.
+    ``cfg.lr_schedule == "cosine"`` (the CPU demo preset) replaces the step decay by
+    ``0.5 * (1 + cos(pi * iteration / total_iterations))``.
     """
     epoch = iteration // iters_per_epoch(cfg, global_batch)
-    lr = cfg.basic_lr * global_batch * cfg.lr_decay_rate ** bisect.bisect_right(cfg.lr_decay_stages, epoch)
+    if cfg.lr_schedule == "cosine":  # atssdet demo preset: half a cosine from basic_lr to 0 over max_epoch
+        progress = min(1.0, iteration / total_iterations(cfg, global_batch))
+        lr = cfg.basic_lr * global_batch * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.lr_schedule == "step":
+        lr = (
+            cfg.basic_lr * global_batch * cfg.lr_decay_rate ** bisect.bisect_right(cfg.lr_decay_stages, epoch)
+        )
+    else:
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r} (expected step or cosine)")
     if epoch == 0 and iteration < cfg.warm_iters:
         lr *= (iteration + 1.0) / cfg.warm_iters
     return lr
@@ -430,6 +440,16 @@ def _all_reduce_sum(values: Tensor) -> Tensor:
     return values
 
 
+def build_optimizer(cfg: ATSSConfig, params: list[nn.Parameter], *, lr: float) -> torch.optim.Optimizer:
+    """``cfg.optimizer``: SGD (momentum ``cfg.momentum``, the MegEngine recipe) or AdamW (the CPU demo preset,
+    which trains from scratch in minutes); both with ``cfg.weight_decay`` on every parameter."""
+    if cfg.optimizer == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected SGD or AdamW)")
+
+
 def _config_diff(a: ATSSConfig, b: ATSSConfig) -> list[str]:
     da, db = dataclasses.asdict(a), dataclasses.asdict(b)
     return [f"{k}: checkpoint {da[k]!r}, now {db[k]!r}" for k in da if k != "extra" and da[k] != db[k]]
@@ -597,12 +617,7 @@ def train(
     if cfg.backbone_norm == "SyncBN" and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params,
-        lr=learning_rate(cfg, 0, global_batch=global_batch),
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-    )
+    optimizer = build_optimizer(cfg, params, lr=learning_rate(cfg, 0, global_batch=global_batch))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start_iter = 0
     skipped: list[str] = []  # this rank's unreadable images

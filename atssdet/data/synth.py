@@ -32,7 +32,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-SHAPE_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "star", "ring", "cross")
+# One definition of the class names, shared with the demo presets in atssdet.config.
+from atssdet.config import SHAPE_CLASSES as SHAPE_CLASSES
+
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "synth_manifest.json"
 MAX_HIDDEN_FRACTION = 0.7

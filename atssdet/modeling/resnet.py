@@ -10,13 +10,17 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.resnet import ResNet as _TVResNet
 from torchvision.ops import FrozenBatchNorm2d
 
-_ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int], int, int]] = {
-    # name: (block, layers, groups, width_per_group)
-    "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64),
-    "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64),
-    "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
-    "resnet101": (Bottleneck, [3, 4, 23, 3], 1, 64),
-    "resnext101_32x8d": (Bottleneck, [3, 4, 23, 3], 32, 8),
+_ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int], int, int, int]] = {
+    # name: (block, layers, groups, width_per_group, base_planes)
+    "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64, 64),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64, 64),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64, 64),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], 1, 64, 64),
+    "resnext101_32x8d": (Bottleneck, [3, 4, 23, 3], 32, 8, 64),
+    # Narrow ResNet-18s for CPU training from scratch (the offline demo): stem and stage widths
+    # base, 2 base, 4 base, 8 base instead of 64..512; same blocks and module names.
+    "resnet18_w32": (BasicBlock, [2, 2, 2, 2], 1, 64, 32),
+    "resnet18_w16": (BasicBlock, [2, 2, 2, 2], 1, 64, 16),
 }
 
 
@@ -37,14 +41,37 @@ class ResNet(_TVResNet):
     def __init__(self, arch: str, *, norm: str = "FrozenBN", freeze_at: int = 2) -> None:
         if arch not in _ARCHS:
             raise ValueError(f"unknown backbone {arch!r}; expected one of {', '.join(_ARCHS)}")
-        block, layers, groups, width = _ARCHS[arch]
-        super().__init__(
-            block, layers, groups=groups, width_per_group=width, norm_layer=norm_layer_factory(norm)
-        )
+        block, layers, groups, width, base = _ARCHS[arch]
+        norm_layer = norm_layer_factory(norm)
+        super().__init__(block, layers, groups=groups, width_per_group=width, norm_layer=norm_layer)
         del self.avgpool
         del self.fc
+        if base != 64:
+            self._rebuild_narrow(block, layers, base, norm_layer)
         self.freeze_at = freeze_at
         self._freeze(freeze_at)
+
+    def _rebuild_narrow(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        base: int,
+        norm_layer: Callable[[int], nn.Module],
+    ) -> None:
+        """Replace stem and stages by ``base``-wide ones (torchvision builds them 64-wide; its init rules)."""
+        self.inplanes = base
+        self.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(base)
+        self.layer1 = self._make_layer(block, base, layers[0])
+        self.layer2 = self._make_layer(block, base * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, base * 8, layers[3], stride=2)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
 
     def _freeze(self, freeze_at: int) -> None:
         # MegEngine's train.py leaves conv1 and layer1 out of the optimizer (backbone_freeze_at=2).
@@ -66,9 +93,9 @@ class ResNet(_TVResNet):
 
 def resnet_out_channels(arch: str) -> tuple[int, int, int]:
     """Channels of res3, res4, res5."""
-    block, _, _, _ = _ARCHS[arch]
+    block, _, _, _, base = _ARCHS[arch]
     e = block.expansion
-    return (128 * e, 256 * e, 512 * e)
+    return (2 * base * e, 4 * base * e, 8 * base * e)
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
