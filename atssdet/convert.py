@@ -14,7 +14,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from atssdet.config import ATSSConfig
+from atssdet.fileio import atomic_path
 
 
 class CheckpointError(ValueError):
@@ -161,18 +161,11 @@ def save_safetensors(
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "atssdet"}
     if cfg is not None:
         metadata["atssdet_config"] = cfg.to_json()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
     return path
 
 

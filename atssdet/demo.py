@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from atssdet.config import DEMO_PRESETS, ATSSConfig, with_overrides
 from atssdet.data.image_io import read_image
 from atssdet.data.synth import SynthDataset, generate_synthetic_dataset
+from atssdet.fileio import atomic_path, atomic_write_bytes
 
 DEMO_MODEL = "atss_demo_cpu"
 CHECKPOINT_NAME = "model.safetensors"
@@ -165,44 +165,18 @@ def choose_threads(requested: int | None) -> int:
 # Outputs
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give a finished temp file normal permissions (mkstemp makes it 0600) and rename it to ``path``."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def write_image(path: Path, image: np.ndarray) -> Path:
     """Encode BGR uint8 ``image`` by the suffix of ``path`` and write it atomically."""
     ok, buf = cv2.imencode(path.suffix, image)
     if not ok:
         raise ValueError(f"{path}: cv2 cannot encode an image as {path.suffix!r}")
-    _write_atomic(path, buf.tobytes())
+    atomic_write_bytes(path, buf.tobytes())
     return path
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        _publish(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
@@ -262,14 +236,11 @@ def plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
     ax_ap.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        _publish(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -421,7 +392,7 @@ def write_json(obj: Any, path: Path) -> Path:
     """``obj`` as indented JSON (NaN/inf become null), written atomically."""
     from atssdet.evaluate import _json_safe
 
-    _write_atomic(path, (json.dumps(_json_safe(obj), indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=1) + "\n").encode())
     return path
 
 

@@ -25,7 +25,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from torch import nn
 from atssdet import distributed
 from atssdet.batching import padded_size
 from atssdet.config import ATSSConfig
+from atssdet.fileio import atomic_write_json
 from atssdet.modeling.atss import ATSS
 from atssdet.postprocess import Detections
 
@@ -145,17 +145,7 @@ def detections_to_coco(
 
 def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``obj`` as JSON to a temp file in ``path``'s folder, then rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, obj)
 
 
 def write_results(results: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from atssdet.config import ATSSConfig
+from atssdet.fileio import atomic_path
 from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY, ATSSOutput, flatten_levels
 from atssdet.ops.images import pad_to_multiple
 from atssdet.ops.points import grid_points
@@ -356,10 +356,8 @@ def export_onnx(
             dynamic_axes |= {"scores": {0: "batch", 1: "anchors"}, "boxes": {0: "batch", 1: "anchors"}}
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp_path:
+        tmp = str(tmp_path)
         with torch.no_grad(), warnings.catch_warnings():
             # Expected while tracing: the pad branch is fixed on purpose (see _ExportGraph.forward)
             # and every index tensor is non-negative.
@@ -398,10 +396,6 @@ def export_onnx(
             class_dim.dim_value = cfg.num_classes
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -1,31 +1,61 @@
 """Atomic file writes: a temp file in the destination folder, renamed into place only when complete.
 
 A reader (or a later run) therefore sees either the old file or the whole new one, never a
-half-written file, even if the process is killed mid-write.
+half-written file, even if the process is killed mid-write. Every writer in atssdet goes through
+:func:`atomic_path`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write to; on success it is fsynced, given the usual
+    permissions (``0o666 & ~umask``; ``mkstemp`` makes 0600) and renamed to ``path``; on any error
+    (or interrupt) it is deleted and ``path`` is left as it was. Parent folders are created.
+
+    ``suffix`` lets libraries that choose a format by extension (cv2, matplotlib) see the real one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> Path:
+    """Write ``obj`` as JSON (with a final newline when indented) to ``path`` atomically."""
+    text = json.dumps(obj, indent=indent)
+    return atomic_write_text(path, text + "\n" if indent is not None else text)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ import cv2
 
 from atssdet.data.coco import DatasetError
 from atssdet.data.image_io import ImageReadError, read_image
+from atssdet.fileio import atomic_write_json
 
 Severity = Literal["fatal", "warning"]
 
@@ -546,15 +546,4 @@ def _read_one(root: Path, entry: _Image) -> tuple[str, str] | None:
 
 def write_report_json(report: CheckReport, path: str | os.PathLike[str]) -> Path:
     """Write ``report.to_dict()`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report.to_dict(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, report.to_dict(), indent=1)

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 # One definition of the class names, shared with the demo presets in atssdet.config.
 from atssdet.config import SHAPE_CLASSES as SHAPE_CLASSES
+from atssdet.fileio import atomic_write_bytes
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "synth_manifest.json"
@@ -300,18 +300,6 @@ def render_image(
 # ------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _image_name(split: str, index: int, image_format: str) -> str:
     return f"{split}_{index + 1:06d}.{image_format}"
 
@@ -407,7 +395,7 @@ def generate_synthetic_dataset(
             ok, encoded = cv2.imencode(f".{image_format}", image, encode_params)
             if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
                 raise RuntimeError(f"cannot encode {name}")
-            _atomic_write_bytes(image_dir / name, encoded.tobytes())
+            atomic_write_bytes(image_dir / name, encoded.tobytes())
             images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
             for obj in objects:
                 x1, y1, x2, y2 = obj["bbox_xyxy"]
@@ -431,8 +419,8 @@ def generate_synthetic_dataset(
             "annotations": annotations,
             "categories": categories,
         }
-        _atomic_write_bytes(paths[f"{split}_ann"], json.dumps(coco, separators=(",", ":")).encode())
+        atomic_write_bytes(paths[f"{split}_ann"], json.dumps(coco, separators=(",", ":")).encode())
         log(f"wrote {count} {split} images, {len(annotations)} boxes -> {paths[f'{split}_ann']}")
     record = {"generator": "atssdet.data.synth", "params": asdict(params), "class_names": list(SHAPE_CLASSES)}
-    _atomic_write_bytes(manifest, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(manifest, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return result
