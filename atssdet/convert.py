@@ -221,37 +221,37 @@ def _config_difference(saved: ATSSConfig, model: nn.Module) -> str:
     return ", ".join(diff)
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Load ``.pkl`` (MegEngine, restricted unpickler), ``.safetensors`` or ``.pt/.pth`` (``weights_only``) strictly.
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
 
-    Any other suffix, an unreadable or corrupt file, a pickle that references anything but
-    OrderedDict/numpy, a ``.pt`` holding non-tensor values, and any key/shape mismatch raise
+
+def read_checkpoint_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], ATSSConfig | None]:
+    """``({key: array}, config or None)`` from any checkpoint format atssdet reads, without a model.
+
+    ``.pkl``/``.pkl.gz`` (MegEngine, restricted unpickler), ``.safetensors`` (atssdet; the config comes
+    from its metadata) or ``.pt``/``.pth`` (``torch.load(weights_only=True)``; a state dict, possibly
+    under ``"model"`` or ``"state_dict"``, whose every value must be a tensor). Any other suffix, an
+    unreadable or corrupt file and a pickle that references anything but OrderedDict/numpy raise
     :class:`CheckpointError` naming the file.
     """
     path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    suffix = _suffix(path)
     if suffix in (".pkl", ".pkl.gz"):
-        state = megengine_to_torch(load_megengine_pickle(path), model, source=str(path))
-    elif suffix == ".safetensors":
+        return dict(load_megengine_pickle(path)), None
+    if suffix == ".safetensors":
         tensors, saved_cfg = load_safetensors(path)
-        try:
-            state = megengine_to_torch({k: v.numpy() for k, v in tensors.items()}, model, source=str(path))
-        except CheckpointError as exc:
-            diff = _config_difference(saved_cfg, model) if saved_cfg is not None else ""
-            if diff:
-                raise CheckpointError(
-                    f"{path}: was saved for another model configuration: {diff}\n{exc}"
-                ) from exc
-            raise
-    elif suffix in (".pt", ".pth"):
+        return {k: v.numpy() for k, v in tensors.items()}, saved_cfg
+    if suffix in (".pt", ".pth"):
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot load with weights_only=True: {exc}") from exc
-        if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-            obj = obj["model"]
+        for nested in ("model", "state_dict"):
+            if isinstance(obj, Mapping) and isinstance(obj.get(nested), Mapping):
+                obj = obj[nested]
+                break
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
         bad = [
@@ -264,14 +264,29 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
             raise CheckpointError(
                 f"{path}: not a state dict: {len(bad)} entr(ies) are not tensors under str keys ({shown})"
             )
-        state = megengine_to_torch(
-            {k: v.detach().cpu().numpy() for k, v in obj.items()}, model, source=str(path)
-        )
-    else:
-        raise CheckpointError(
-            f"{path}: unsupported checkpoint type {path.suffix or '(no suffix)'!r}; "
-            "expected .pkl (MegEngine), .safetensors (atssdet) or .pt/.pth (PyTorch state dict)"
-        )
+        return {k: v.detach().cpu().numpy() for k, v in obj.items()}, None
+    raise CheckpointError(
+        f"{path}: unsupported checkpoint type {path.suffix or '(no suffix)'!r}; "
+        "expected .pkl (MegEngine), .safetensors (atssdet) or .pt/.pth (PyTorch state dict)"
+    )
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load any checkpoint :func:`read_checkpoint_arrays` reads into ``model``, strictly.
+
+    Any key/shape mismatch raises :class:`CheckpointError` naming the file (and, for an atssdet
+    ``.safetensors`` saved for another configuration, the differing config fields).
+    """
+    arrays, saved_cfg = read_checkpoint_arrays(path)
+    try:
+        state = megengine_to_torch(arrays, model, source=str(path))
+    except CheckpointError as exc:
+        diff = _config_difference(saved_cfg, model) if saved_cfg is not None else ""
+        if diff:
+            raise CheckpointError(
+                f"{path}: was saved for another model configuration: {diff}\n{exc}"
+            ) from exc
+        raise
     model.load_state_dict(state, strict=True)
 
 

@@ -122,28 +122,14 @@ def total_iterations(cfg: ATSSConfig, global_batch: int) -> int:
 
 def _backbone_arrays(path: Path) -> dict[str, np.ndarray]:
     """ImageNet classification weights as ``{resnet key: array}``, ``fc.*`` and BN step counters dropped."""
-    from atssdet.convert import CheckpointError, load_megengine_pickle
+    from atssdet.convert import CheckpointError, read_checkpoint_arrays
 
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".pkl", ".pkl.gz"):
-        arrays: dict[str, np.ndarray] = dict(load_megengine_pickle(path))
-    elif suffix in (".pth", ".pt"):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such file")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot load with weights_only=True: {exc}") from exc
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-        arrays = {k: v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, Tensor)}
-    else:
+    if path.suffix == ".safetensors":
         raise CheckpointError(
-            f"{path}: unsupported backbone checkpoint type {path.suffix or '(no suffix)'!r}; expected a "
-            "torchvision .pth or a MegEngine classification .pkl"
+            f"{path}: unsupported backbone checkpoint type '.safetensors'; expected a torchvision .pth or a "
+            "MegEngine classification .pkl"
         )
+    arrays = read_checkpoint_arrays(path)[0]
     # torchvision's "module." prefix when saved from DataParallel
     arrays = {k.removeprefix("module."): v for k, v in arrays.items()}
     return {
@@ -166,30 +152,9 @@ def load_backbone_weights(model: ATSS, path: str | os.PathLike[str]) -> None:
 
 
 def _checkpoint_arrays(path: Path) -> dict[str, np.ndarray]:
-    from atssdet.convert import CheckpointError, load_megengine_pickle, load_safetensors
+    from atssdet.convert import read_checkpoint_arrays
 
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".pkl", ".pkl.gz"):
-        return dict(load_megengine_pickle(path))
-    if suffix == ".safetensors":
-        tensors, _ = load_safetensors(path)
-        return {k: v.numpy() for k, v in tensors.items()}
-    if suffix in (".pt", ".pth"):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such file")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot load with weights_only=True: {exc}") from exc
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-            obj = obj["model"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-        return {k: v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, Tensor)}
-    raise CheckpointError(
-        f"{path}: unsupported checkpoint type {path.suffix or '(no suffix)'!r}; expected .pkl (MegEngine), "
-        ".safetensors (atssdet) or .pt/.pth"
-    )
+    return read_checkpoint_arrays(path)[0]
 
 
 def load_finetune_weights(model: ATSS, path: str | os.PathLike[str]) -> None:
