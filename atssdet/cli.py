@@ -194,8 +194,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         format_per_class_table,
         format_stats,
         format_stats_table,
-        load_model,
     )
+    from atssdet.zoo import load_model
 
     if args.weights is None and args.model is None:
         raise ValueError("give --model NAME and/or --weights FILE...")
@@ -313,22 +313,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from atssdet.export import export_onnx, onnx_signature
+    from atssdet.zoo import load_model
 
     if args.model is None and args.weights is None:
         raise ValueError("give --model NAME and/or --weights FILE")
-    if args.model is not None:
-        from atssdet.zoo import load
-
-        model = load(args.model, pretrained=args.weights is None, weights=args.weights)
-    else:
-        from atssdet.convert import load_weights, read_checkpoint_config
-        from atssdet.modeling.atss import build_model
-
-        cfg = read_checkpoint_config(args.weights)
-        if cfg is None:
-            raise ValueError(f"{args.weights}: carries no config (only .safetensors do); add --model NAME")
-        model = build_model(cfg).eval()
-        load_weights(model, args.weights)
+    model = load_model(model_name=args.model, weights=args.weights)
     # Exported on CPU: the graph does not depend on the device it was traced on.
     example_hw = tuple(args.input_hw) if args.input_hw else ((213, 160) if args.dynamic else (800, 1333))
     out = export_onnx(

@@ -331,7 +331,8 @@ def _run_demo(
         say(f"reusing the trained model {checkpoint} (same config; --retrain to train again)")
         history = json.loads(history_path.read_text())
 
-    from atssdet.evaluate import evaluate, load_model
+    from atssdet.evaluate import evaluate
+    from atssdet.zoo import load_model
 
     model = load_model(weights=checkpoint).to(dev)
 

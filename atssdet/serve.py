@@ -623,7 +623,7 @@ def load_serving_model(
     ``.safetensors`` (it carries its config). ``overrides`` may change only ``test_*`` settings.
     """
     from atssdet.config import with_overrides
-    from atssdet.zoo import load
+    from atssdet.zoo import load_model
 
     if model_name is None and weights is None:
         raise ValueError("give --model NAME, --weights FILE, or both")
@@ -631,23 +631,8 @@ def load_serving_model(
     bad = sorted(k for k in overrides if not k.startswith("test_"))
     if bad:
         raise ValueError(f"serve --set changes inference settings (test_*) only, not {', '.join(bad)}")
-    if model_name is not None:
-        model = load(model_name, pretrained=weights is None, weights=weights)
-        name = model_name
-    else:
-        from atssdet.convert import load_weights, read_checkpoint_config
-        from atssdet.modeling.atss import build_model
-
-        assert weights is not None
-        file_cfg = read_checkpoint_config(weights)
-        if file_cfg is None:
-            raise ValueError(
-                f"{weights}: this checkpoint does not carry a model config (only atssdet .safetensors "
-                "files do); pass --model NAME too"
-            )
-        model = build_model(file_cfg)
-        load_weights(model, weights)
-        name = Path(weights).name.split(".")[0]
+    model = load_model(model_name=model_name, weights=weights)
+    name = model_name if model_name is not None else Path(str(weights)).name.split(".")[0]
     cfg = with_overrides(model.cfg, overrides) if overrides else model.cfg
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(dev).eval(), cfg, name

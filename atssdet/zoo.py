@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from atssdet.config import PRESETS, ATSSConfig
 from atssdet.modeling.atss import ATSS, build_model
@@ -77,4 +78,40 @@ def load(
         from atssdet.download import fetch_pretrained
 
         load_weights(model, fetch_pretrained(entry))
+    return model.eval()
+
+
+def load_model(
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    model_name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ATSS:
+    """An ATSS model in eval mode from a zoo name and/or a weights file (what ``--model/--weights`` mean).
+
+    A ``.safetensors`` written by atssdet carries its config (``model_name`` then only fills in for
+    files without one); other formats (``.pkl``, ``.pt``) need ``model_name``. No ``weights`` means the
+    zoo's pretrained checkpoint of ``model_name`` (downloaded). ``overrides`` replace config fields
+    (e.g. ``{"test_image_short_size": 640}``).
+    """
+    from atssdet.config import with_overrides
+    from atssdet.convert import load_weights, read_checkpoint_config
+    from atssdet.modeling.atss import build_model
+
+    cfg = read_checkpoint_config(weights) if weights is not None else None
+    if cfg is None:
+        if model_name is None:
+            what = f"{weights}: carries no config" if weights is not None else "no --weights given"
+            raise ValueError(f"{what}; name the model with --model (one of the zoo names)")
+        cfg = get_entry(model_name).config
+    if overrides:
+        cfg = with_overrides(cfg, overrides)
+    model = build_model(cfg)
+    if weights is not None:
+        load_weights(model, weights)
+    else:
+        from atssdet.download import fetch_pretrained
+
+        assert model_name is not None
+        load_weights(model, fetch_pretrained(get_entry(model_name)))
     return model.eval()

@@ -58,7 +58,7 @@ def test_demo_writes_every_output(demo_run) -> None:
 
 def test_demo_checkpoint_loads_with_its_config(demo_run) -> None:
     out, result = demo_run
-    from atssdet.evaluate import load_model
+    from atssdet.zoo import load_model
 
     model = load_model(weights=result.checkpoint)
     assert model.cfg == demo_config(QUICK_PLAN)

@@ -155,7 +155,7 @@ def test_loss_falls_by_half_and_files_are_written(reference_run):
     assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
     assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
     assert ATSSConfig.from_json(state["config"]).class_names == dataset_classes()
-    from atssdet.evaluate import load_model
+    from atssdet.zoo import load_model
 
     model = load_model(weights=out / "model_final.safetensors")  # what `eval/predict --weights` do
     assert model.cfg.num_classes == 6
