@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atssdet.postprocess import select_detections  # noqa: E402
 from atssdet.predict import Detector  # noqa: E402
 from atssdet.zoo import load  # noqa: E402
-
-
-def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.common import median_time  # noqa: E402
 
 
 def dense_case(
@@ -103,7 +93,9 @@ def main() -> None:
         base = None
         for bs in args.batch_sizes:
             detector.predict(images[:bs], batch_size=bs)  # warm-up: oneDNN builds kernels per shape
-            t = median_time(lambda bs=bs: detector.predict(images, batch_size=bs), args.repeats)
+            t = median_time(
+                lambda bs=bs: detector.predict(images, batch_size=bs), repeats=args.repeats, warmup=0
+            )
             rate = args.images / t
             base = base or rate
             print(f"{bs:>5}  {t:8.2f}  {rate:7.3f}  {rate / base:9.2f}x")
@@ -115,7 +107,7 @@ def main() -> None:
         scores, boxes = dense_case(k, 18134, 80, seed=k)
         assert int((scores > 0.05).sum()) == k
         (dets,) = select_detections(scores, boxes)
-        t = median_time(lambda s=scores, b=boxes: select_detections(s, b), 20)
+        t = median_time(lambda s=scores, b=boxes: select_detections(s, b), repeats=20, warmup=0)
         print(f"{k:>10}  {t * 1000:8.2f}  {len(dets):>5}")
 
 
