@@ -33,7 +33,6 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,16 +41,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from atssdet import distributed
 from atssdet.config import ATSSConfig
 from atssdet.criterion import atss_loss
 from atssdet.data.check import check_dataset
-from atssdet.data.coco import COCODetection, DatasetError, DetectionTarget
-from atssdet.data.collate import DetectionBatch, collate_detection
-from atssdet.data.image_io import ImageReadError
-from atssdet.data.sampler import GroupedBatchSampler
+from atssdet.data.coco import COCODetection
+from atssdet.data.loader import build_train_loader
 from atssdet.data.transforms import TrainTransform
 from atssdet.modeling.atss import ATSS, build_model
 
@@ -325,36 +321,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True)
-class _Unreadable:
-    image_id: int
-    reason: str
-
-
-class _SkipUnreadable(Dataset):
-    """``dataset[key]`` or an :class:`_Unreadable` marker when the image cannot be read or mismatches its JSON entry."""
-
-    def __init__(self, dataset: COCODetection) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: Any) -> tuple[np.ndarray, DetectionTarget] | _Unreadable:
-        try:
-            return self.dataset[key]
-        except (ImageReadError, DatasetError) as exc:
-            index = int(key[0]) if isinstance(key, tuple) else int(key)
-            return _Unreadable(self.dataset.image_info(index).image_id, str(exc))
-
-
-def collate_skipping(samples: Sequence[Any]) -> tuple[DetectionBatch | None, list[str]]:
-    """:func:`collate_detection` over the readable samples, plus the reasons of the unreadable ones."""
-    good = [s for s in samples if not isinstance(s, _Unreadable)]
-    bad = [s.reason for s in samples if isinstance(s, _Unreadable)]
-    return (collate_detection(good) if good else None), bad
-
-
 # --------------------------------------------------------------------------- logging
 
 
@@ -606,22 +572,16 @@ def train(
 
     end_iter = max_iters if max_iters is not None else total_iterations(cfg, global_batch)
     log_every = log_every or cfg.log_interval
-    sampler = GroupedBatchSampler(
-        dataset.aspect_ratios(),
-        batch_size,
+    loader = build_train_loader(
+        dataset,
+        batch_size=batch_size,
         seed=seed,
+        num_workers=num_workers,
         rank=rank,
         world_size=world,
-        infinite=True,
         start_batch=start_iter,
-    )
-    loader = torch.utils.data.DataLoader(
-        _SkipUnreadable(dataset),
-        batch_sampler=sampler,
-        collate_fn=collate_skipping,
-        num_workers=num_workers,
         pin_memory=dev.type == "cuda",
-        persistent_workers=False,
+        skip_unreadable=True,
     )
 
     log = _JsonlLog(out / LOG_NAME if main else None)
