@@ -153,15 +153,20 @@ def write_results(results: list[dict[str, Any]], path: str | os.PathLike[str]) -
     return write_json_atomic(results, path)
 
 
+def _read_json(path: Path, *, missing: str) -> Any:
+    """Parsed JSON of ``path``; a missing file or bad JSON raises an error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a JSON file: {exc}") from exc
+
+
 def _load_results(gt: COCO, results: str | os.PathLike[str] | list[dict[str, Any]]) -> COCO:
     if not isinstance(results, list):
         path = Path(results)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: results file not found")
-        try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a JSON file: {exc}") from exc
+        results = _read_json(path, missing="results file not found")
         if not isinstance(results, list):
             raise ValueError(f"{path}: a COCO results file is a JSON list of detections")
     if not results:
@@ -631,12 +636,7 @@ def load_metrics(
 ) -> dict[str, float]:
     """The 12 statistics from a metrics JSON (written by :func:`evaluate`) or a results JSON (needs ``gt``)."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not a JSON file: {exc}") from exc
+    data = _read_json(p, missing="no such file")
     if isinstance(data, dict) and isinstance(data.get("stats"), dict):
         stats = data["stats"]
         missing = [n for n in STAT_NAMES if n not in stats]
