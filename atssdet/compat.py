@@ -138,9 +138,18 @@ class DetEvaluator:
 
 
 def hub_load(
-    name: str, pretrained: bool = False, weights: str | os.PathLike[str] | None = None
+    name: str,
+    pretrained: bool = False,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    numerics: str = "torch",
 ) -> CompatModel:
-    """The seed's ``hub.load(..., name, pretrained=True)``: a :class:`CompatModel` in eval mode."""
+    """The seed's ``hub.load(..., name, pretrained=True)``: a :class:`CompatModel` in eval mode.
+
+    ``numerics="megengine"`` makes the head GroupNorm round as MegEngine's CPU kernel (outputs about
+    10x closer to MegEngine's; slower): see :class:`atssdet.modeling.head.GroupNorm`.
+    """
     from atssdet.zoo import load
 
-    return CompatModel(load(name, pretrained=pretrained, weights=weights)).eval()
+    model = load(name, pretrained=pretrained, weights=weights, overrides={"numerics": numerics})
+    return CompatModel(model).eval()

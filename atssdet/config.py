@@ -28,6 +28,9 @@ COCO_CLASSES: tuple[str, ...] = (
 # The synthetic shapes dataset (atssdet.data.synth); category ids 1..6 in this order.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "star", "ring", "cross")
 
+# ATSSConfig.numerics: which arithmetic the head GroupNorm uses (atssdet.modeling.head.GroupNorm).
+NUMERICS: tuple[str, ...] = ("torch", "megengine")
+
 # Output channels of res3, res4, res5 for each backbone.
 BACKBONE_CHANNELS: dict[str, tuple[int, int, int]] = {
     "resnet18": (128, 256, 512),
@@ -64,6 +67,10 @@ class ATSSConfig:
     in_features: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
     head_num_convs: int = 4
     head_norm_groups: int = 32
+    # "torch": PyTorch kernels throughout. "megengine": the head GroupNorm rounds as MegEngine's CPU
+    # kernel (sequential float32 sums, computed with NumPy on the CPU; slower), which brings outputs and
+    # the train step to MegEngine's numbers ~10x closer. See docs/training-losses.md ("Numerics").
+    numerics: str = "torch"
 
     num_anchors: int = 1
     anchor_offset: float = 0.5
@@ -107,6 +114,8 @@ class ATSSConfig:
             )
         if len(self.stride) != len(self.in_features):
             raise ValueError("stride and in_features must have the same length")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}; got {self.numerics!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -318,6 +318,11 @@ def export_onnx(
     """
     onnx = _require("onnx")
     cfg = model.cfg
+    if cfg.numerics != "torch":
+        raise ValueError(
+            f"numerics={cfg.numerics!r} computes GroupNorm with NumPy and cannot be traced to ONNX; "
+            "export the model built with numerics='torch' (same weights)"
+        )
     score_threshold = cfg.test_cls_threshold if score_threshold is None else score_threshold
     nms_threshold = cfg.test_nms if nms_threshold is None else nms_threshold
     max_detections = cfg.test_max_boxes_per_image if max_detections is None else max_detections

@@ -22,6 +22,7 @@ with ``error`` set (naming the file) and no boxes, and a warning is logged.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -319,11 +320,18 @@ class Detector:
         device: str | torch.device | None = None,
         short_size: int | None = None,
         max_size: int | None = None,
+        numerics: str | None = None,
     ) -> Detector:
-        """Zoo model ``name`` with its official COCO weights (downloaded once, see :mod:`atssdet.download`)."""
+        """Zoo model ``name`` with its official COCO weights (downloaded once, see :mod:`atssdet.download`).
+
+        ``numerics="megengine"`` rounds the head GroupNorm as MegEngine's CPU kernel (see
+        :class:`atssdet.modeling.head.GroupNorm`); default: the config's (``"torch"``).
+        """
         from atssdet.zoo import load
 
-        det = cls(load(name, pretrained=True), device=device, short_size=short_size, max_size=max_size)
+        overrides = None if numerics is None else {"numerics": numerics}
+        net = load(name, pretrained=True, overrides=overrides)
+        det = cls(net, device=device, short_size=short_size, max_size=max_size)
         det.weights = name
         return det
 
@@ -336,13 +344,15 @@ class Detector:
         device: str | torch.device | None = None,
         short_size: int | None = None,
         max_size: int | None = None,
+        numerics: str | None = None,
     ) -> Detector:
         """Weights from ``path`` (.safetensors, MegEngine .pkl/.pkl.gz, .pt/.pth) or an exported ``.onnx``.
 
         ``model`` is a zoo name or an :class:`ATSSConfig`. It may be omitted for an atssdet
         ``.safetensors`` file, which carries its config in its metadata; other formats need it.
         An ``.onnx`` file from ``atssdet export`` carries its config too and runs in ONNX Runtime
-        (``device`` "cpu" or "cuda"); results are the same :class:`Detections`.
+        (``device`` "cpu" or "cuda"); results are the same :class:`Detections`. ``numerics``
+        replaces the config's (``"megengine"``: see :meth:`from_pretrained`; not for ``.onnx``).
         """
         from atssdet.convert import CheckpointError, load_weights, read_checkpoint_config
         from atssdet.modeling.atss import build_model
@@ -351,6 +361,8 @@ class Detector:
         if Path(path).suffix == ".onnx":
             from atssdet.export import OnnxDetector
 
+            if numerics not in (None, "torch"):
+                raise ValueError(f"{path}: numerics={numerics!r} needs the PyTorch model, not an ONNX file")
             if not Path(path).is_file():
                 raise CheckpointError(f"{path}: no such file")
             det = cls(
@@ -375,6 +387,8 @@ class Detector:
                     f"--model NAME on the command line (one of: {', '.join(ZOO)})"
                 )
             cfg = found
+        if numerics is not None:
+            cfg = dataclasses.replace(cfg, numerics=numerics)
         net = build_model(cfg)
         load_weights(net, path)
         det = cls(net, device=device, short_size=short_size, max_size=max_size)
@@ -390,6 +404,7 @@ class Detector:
             "short_size": self.short_size,
             "max_size": self.max_size,
             "device": str(self.device),
+            "numerics": self.cfg.numerics,
         }
 
     def class_ids(self, classes: Sequence[int | str]) -> list[int]:

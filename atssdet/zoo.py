@@ -62,16 +62,19 @@ def load(
     name: str,
     pretrained: bool = False,
     weights: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> ATSS:
     """Build zoo model ``name``; load ``weights`` (.pkl/.safetensors/.pt path) if given.
 
     ``pretrained=True`` fetches the official checkpoint into the cache (see :mod:`atssdet.download`).
-    The model is returned in eval mode.
+    ``overrides`` replace config fields (e.g. ``{"numerics": "megengine"}``). The model is returned
+    in eval mode.
     """
+    from atssdet.config import with_overrides
     from atssdet.convert import load_weights
 
     entry = get_entry(name)
-    model = build_model(entry.config)
+    model = build_model(with_overrides(entry.config, overrides) if overrides else entry.config)
     if weights is not None:
         load_weights(model, weights)
     elif pretrained:

@@ -42,6 +42,14 @@ def r18_model(r18_checkpoint: Path):
     return load(R18, weights=r18_checkpoint)
 
 
+@pytest.fixture(scope="session")
+def r18_model_mge(r18_checkpoint: Path):
+    """The reference res18 with ``numerics="megengine"`` (MegEngine-rounded head GroupNorm)."""
+    from atssdet.zoo import load
+
+    return load(R18, weights=r18_checkpoint, overrides={"numerics": "megengine"})
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None):
     """Run ``python -m atssdet ARGS`` in a subprocess with this checkout importable."""
     full_env = dict(os.environ)

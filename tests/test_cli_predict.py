@@ -10,7 +10,7 @@ import pytest
 
 from atssdet.cli import main
 from atssdet.convert import save_safetensors
-from tests.conftest import run_cli
+from tests.conftest import R18, run_cli
 
 SIZE_ARGS = ["--short-size", "160", "--max-size", "256", "--device", "cpu", "--no-progress"]
 
@@ -113,3 +113,30 @@ def test_cli_models_lists_zoo_and_cache(tmp_path: Path, monkeypatch: pytest.Monk
     assert len(rows) == 5 and "42.6" in rows["atss_res50_coco_3x_800size"]
     assert "yes" in rows["atss_res50_coco_3x_800size"] and " no " in rows["atss_res18_coco_3x_800size"] + " "
     assert "45.6" in rows["atss_resx101_coco_2x_800size"]
+
+
+def test_cli_numerics_megengine(reference_dir: Path, r18_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """--numerics megengine reaches the model (recorded in the JSON) and moves scores by ~1e-6 only."""
+    scores = {}
+    for numerics in ("torch", "megengine"):
+        out = tmp_path / numerics
+        args = [str(reference_dir / "cat.jpg"), "--weights", str(r18_checkpoint), "--model", R18]
+        code = main(["predict", *args, "--out", str(out), "--numerics", numerics, "--no-draw", *SIZE_ARGS])
+        assert code == 0, capsys.readouterr().err
+        doc = json.loads((out / "predictions.json").read_text())
+        assert doc["model"]["numerics"] == numerics
+        scores[numerics] = np.array([d["score"] for d in doc["images"][0]["detections"]])
+    assert scores["torch"].shape == scores["megengine"].shape
+    assert np.abs(scores["torch"] - scores["megengine"]).max() < 1e-4
+
+
+def test_numerics_megengine_is_refused_where_it_cannot_run(r18_model_mge, tmp_path: Path) -> None:
+    from atssdet.export import export_onnx
+    from atssdet.predict import Detector
+
+    with pytest.raises(ValueError, match="cannot be traced to ONNX"):
+        export_onnx(r18_model_mge, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    (tmp_path / "x.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"x\.onnx: numerics='megengine' needs the PyTorch model"):
+        Detector.from_checkpoint(tmp_path / "x.onnx", numerics="megengine")

@@ -62,6 +62,7 @@ class ATSS(nn.Module):
             num_convs=cfg.head_num_convs,
             norm_groups=cfg.head_norm_groups,
             prior_prob=cfg.cls_prior_prob,
+            numerics=cfg.numerics,
         )
         # Not persistent: the checkpoint format has no such keys.
         self.register_buffer("pixel_mean", torch.tensor(cfg.img_mean).view(1, 3, 1, 1), persistent=False)

@@ -9,11 +9,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from atssdet.config import NUMERICS
+from atssdet.ops.norm import megengine_group_norm
 
-def _tower(channels: int, num_convs: int, norm_groups: int) -> nn.Sequential:
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and keys) that can round like MegEngine's CPU kernel.
+
+    ``numerics="torch"`` is PyTorch's kernel; ``"megengine"`` is :func:`atssdet.ops.norm.megengine_group_norm`
+    (sequential float32 sums on the CPU: slower, for bit-level parity with MegEngine's outputs).
+    """
+
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, *, numerics: str = "torch"
+    ) -> None:
+        super().__init__(num_groups, num_channels, eps)
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}; got {numerics!r}")
+        self.numerics = numerics
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.numerics == "megengine":
+            return megengine_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", numerics={self.numerics}"
+
+
+def _tower(channels: int, num_convs: int, norm_groups: int, numerics: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, 1, 1), nn.GroupNorm(norm_groups, channels), nn.ReLU()]
+        norm = GroupNorm(norm_groups, channels, numerics=numerics)
+        layers += [nn.Conv2d(channels, channels, 3, 1, 1), norm, nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -22,6 +50,7 @@ class PointHead(nn.Module):
 
     ``cls_score`` runs on the cls tower; ``bbox_pred`` and ``ctrness`` both run on the box tower.
     ``scale_list`` holds one learnt scale per level: ``ltrb = relu(bbox_pred * scale_l) * stride_l``.
+    ``numerics`` picks the GroupNorm kernel (:class:`GroupNorm`).
     """
 
     def __init__(
@@ -33,11 +62,12 @@ class PointHead(nn.Module):
         num_convs: int = 4,
         norm_groups: int = 32,
         prior_prob: float = 0.01,
+        numerics: str = "torch",
     ) -> None:
         super().__init__()
         self.strides = tuple(int(s) for s in strides)
-        self.cls_subnet = _tower(in_channels, num_convs, norm_groups)
-        self.bbox_subnet = _tower(in_channels, num_convs, norm_groups)
+        self.cls_subnet = _tower(in_channels, num_convs, norm_groups, numerics)
+        self.bbox_subnet = _tower(in_channels, num_convs, norm_groups, numerics)
         self.cls_score = nn.Conv2d(in_channels, num_classes, 3, 1, 1)
         self.bbox_pred = nn.Conv2d(in_channels, 4, 3, 1, 1)
         self.ctrness = nn.Conv2d(in_channels, 1, 3, 1, 1)
