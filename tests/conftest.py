@@ -18,6 +18,19 @@ def require_reference() -> Path:
     return REFERENCE_DIR
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test: deterministic kernels, and no OpenMP thread teams spinning
+    on a shared, oversubscribed CI machine (a 1 s test took 50 s at load 10). Use it module-wide with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return require_reference()

@@ -57,13 +57,7 @@ TINY_OVERRIDES: dict[str, Any] = {
 TINY_CFG = with_overrides(PRESETS[R18], TINY_OVERRIDES)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: deterministic kernels and no OpenMP spinning on the shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_dataset(root: Path, *, num_train: int = 4, num_val: int = 2) -> Any:

@@ -12,19 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.test_train import TINY_OVERRIDES, loss_rows, make_dataset, run_tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180.0) -> None:

@@ -28,12 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ITERS = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_worker(rank: int, world_size: int, port: int, root: str, out: str, result_file: str) -> None:
