@@ -555,6 +555,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", metavar="PATH|auto", help="checkpoint to continue from, or 'auto' (newest in --out)"
     )
+    p.add_argument(
+        "--allow-layout-change",
+        action="store_true",
+        help="resume a checkpoint written with another processes x batch layout: continue at the same "
+        "number of images seen, lr of the new global batch (data order then differs)",
+    )
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument(
         "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; per LOCAL_RANK under torchrun)"
@@ -658,6 +664,7 @@ def _run_train(args: argparse.Namespace) -> int:
             max_bad_images=args.max_bad_images,
             data_check=args.data_check,
             dist_timeout=args.dist_timeout,
+            allow_layout_change=args.allow_layout_change,
         )
         if distributed.is_main_process():
             print(

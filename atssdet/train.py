@@ -411,6 +411,7 @@ def train(
     max_bad_images: int = 100,
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
     data_check: str = "full",
+    allow_layout_change: bool = False,
 ) -> TrainResult:
     """Train an ATSS detector on a COCO-format split; see the module docstring for the recipe.
 
@@ -424,7 +425,12 @@ def train(
         max_iters: stop after this many iterations (default: ``max_epoch`` epochs). The schedule
             (warm-up, decay epochs) does not change with it.
         resume: a checkpoint path, or ``"auto"``: the newest checkpoint in ``out_dir`` that loads
-            (none: start from scratch). Continues exactly where that run stopped.
+            (none: start from scratch). Continues exactly where that run stopped, which needs the
+            checkpoint's processes x batch layout.
+        allow_layout_change: resume a checkpoint written under another processes x batch layout
+            (e.g. 8 GPUs -> 4): training continues at the same number of images seen (iteration
+            ``saved_iteration * saved_global_batch // global_batch``) with the lr of the new global
+            batch; the data order then differs from an uninterrupted run.
         amp: mixed precision (CUDA only): autocast float16 forward, float32 losses, GradScaler.
         device: default ``cuda`` if available (``cuda:LOCAL_RANK`` under torchrun), else ``cpu``.
         init_backbone: ImageNet ResNet weights (torchvision ``.pth`` or MegEngine ``.pkl``).
@@ -502,6 +508,7 @@ def train(
     # --- resume: rank 0 picks the file, everyone loads it
     ckpt: dict[str, Any] | None = None
     resume_path: Path | None = None
+    relayout_from: tuple[int, int] | None = None  # (world, batch) of the checkpoint, if it differs
     if resume is not None:
         if str(resume) == "auto":
             found: tuple[Path | None, list[str]] = (None, [])
@@ -524,12 +531,16 @@ def train(
                 raise ValueError(
                     f"{resume_path}: was trained with another config; differences:\n  " + "\n  ".join(diff)
                 )
-            if (ckpt.get("world_size"), ckpt.get("batch_size")) != (world, batch_size):
-                raise ValueError(
-                    f"{resume_path}: was trained with {ckpt.get('world_size')} process(es) x batch "
-                    f"{ckpt.get('batch_size')}; resume with the same layout (now {world} x {batch_size}) to "
-                    "continue the same data stream"
-                )
+            saved_layout = (int(ckpt.get("world_size", 0)), int(ckpt.get("batch_size", 0)))
+            if saved_layout != (world, batch_size):
+                if not allow_layout_change or min(saved_layout) < 1:
+                    raise ValueError(
+                        f"{resume_path}: was trained with {saved_layout[0]} process(es) x batch "
+                        f"{saved_layout[1]}; resume with the same layout (now {world} x {batch_size}) to "
+                        "continue the same data stream, or allow the change (--allow-layout-change) to "
+                        "continue at the same number of images seen with another data order"
+                    )
+                relayout_from = saved_layout
             seed = int(ckpt.get("seed", seed))
 
     # --- model
@@ -561,7 +572,23 @@ def train(
         skipped = list(ckpt.get("skipped_images", []))
         bad_total = int(ckpt.get("bad_images_total", 0))
         rng_states = ckpt.get("rng") or []
-        if len(rng_states) == world:
+        if relayout_from is not None:
+            # Same number of images seen, so the epoch-based schedule (decay stages) lines up.
+            images_seen = start_iter * relayout_from[0] * relayout_from[1]
+            start_iter = images_seen // global_batch
+            rank_seed = (seed * 1_000_003 + start_iter) * 4096 + rank
+            torch.manual_seed(rank_seed)
+            random.seed(rank_seed)
+            np.random.seed(rank_seed % 2**32)  # noqa: NPY002
+            if main:
+                print(
+                    f"atssdet train: {resume_path} was trained as {relayout_from[0]} x {relayout_from[1]} "
+                    f"(iteration {int(ckpt['iteration'])}, {images_seen} images); continuing as {world} x "
+                    f"{batch_size} at iteration {start_iter}. The learning rate follows the new global "
+                    f"batch {global_batch}; the data order differs from an uninterrupted run.",
+                    file=sys.stderr,
+                )
+        elif len(rng_states) == world:
             _set_rng_state(rng_states[rank])
     net: nn.Module = model
     if world > 1:
@@ -601,6 +628,15 @@ def train(
                 "device": str(dev),
                 "amp": amp,
                 "resumed_from": str(resume_path) if resume_path else None,
+                "resumed_layout": (
+                    None
+                    if relayout_from is None or ckpt is None
+                    else {
+                        "world_size": relayout_from[0],
+                        "batch_size": relayout_from[1],
+                        "iteration": int(ckpt["iteration"]),
+                    }
+                ),
                 "num_images": len(dataset),
                 "config": json.loads(cfg.to_json()),
             }

@@ -353,13 +353,44 @@ def test_resume_refuses_another_layout_or_config(dataset, reference_run, tmp_pat
     _, ref_out = reference_run
     ckpt = ref_out / "iter_00000010.pt"
     with pytest.raises(
-        ValueError, match=r"1 process\(es\) x batch 2; resume with the same layout \(now 1 x 1\)"
+        ValueError,
+        match=r"1 process\(es\) x batch 2; resume with the same layout \(now 1 x 1\).*--allow-layout-change",
     ):
         run_tiny(dataset, tmp_path / "a", batch_size=1, max_iters=12, resume=ckpt)
     other = with_overrides(TINY_CFG, {"head_num_convs": 2})
     with pytest.raises(ValueError, match="head_num_convs: checkpoint 1, now 2"):
         train(other, train_ann=dataset.train_ann, train_images=dataset.train_images, out_dir=tmp_path / "b",
               max_iters=12, resume=ckpt, num_workers=0, progress=False, device="cpu")  # fmt: skip
+
+
+def test_resume_with_another_layout_when_allowed(dataset, reference_run, tmp_path, capsys):
+    """E.g. 8 GPUs -> 4: on request the run continues at the same number of images seen, with the
+    learning rate of the new global batch (here 1 x 2 at iteration 10 -> 1 x 1 at iteration 20)."""
+    _, ref_out = reference_run
+    out = tmp_path / "run"
+    result = run_tiny(
+        dataset,
+        out,
+        batch_size=1,
+        max_iters=23,
+        resume=ref_out / "iter_00000010.pt",
+        allow_layout_change=True,
+    )
+    assert (
+        "trained as 1 x 2 (iteration 10, 20 images); continuing as 1 x 1 at iteration 20"
+        in capsys.readouterr().err
+    )
+    assert result.start_iteration == 20 and result.iteration == 23
+    assert [r["iteration"] for r in result.losses] == [21, 22, 23]
+    for row in result.losses:
+        assert math.isfinite(row["total_loss"])
+        assert row["lr"] == pytest.approx(learning_rate(result.config, row["iteration"] - 1, global_batch=1))
+    start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["global_batch"] == 1
+    assert start["resumed_layout"] == {"world_size": 1, "batch_size": 2, "iteration": 10}
+    # The new run's checkpoints are in the new layout: resuming them needs no flag.
+    again = run_tiny(dataset, out, batch_size=1, max_iters=24, resume="auto")
+    assert again.start_iteration == 23 and [r["iteration"] for r in again.losses] == [24]
 
 
 def test_keep_checkpoints_prunes_old_files(dataset, tmp_path):

@@ -31,8 +31,11 @@ ITERS = 4
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def train_worker(rank: int, world_size: int, port: int, root: str, out: str, result_file: str) -> None:
-    """Spawned rank: join gloo as torchrun would, train ITERS iterations with batch 1, save the losses."""
+def train_worker(
+    rank: int, world_size: int, port: int, root: str, out: str, result_file: str, resume: str | None = None
+) -> None:
+    """Spawned rank: join gloo as torchrun would, train to ITERS with batch 1 (from ``resume`` if given,
+    allowing another layout), save the losses."""
     _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     from atssdet import distributed
@@ -55,6 +58,8 @@ def train_worker(rank: int, world_size: int, port: int, root: str, out: str, res
             log_every=1,
             device="cpu",
             dist_timeout=60,
+            resume=resume,
+            allow_layout_change=resume is not None,
         )
         Path(f"{result_file}.{rank}").write_text(json.dumps({"losses": result.losses, "evals": result.evals}))
     finally:
@@ -103,6 +108,23 @@ def test_two_gloo_ranks_give_the_single_process_losses(tmp_path):
     assert a["world_size"] == 2 and a["batch_size"] == 1 and len(a["rng"]) == 2
     for key, value in b["model"].items():
         torch.testing.assert_close(a["model"][key], value, rtol=1e-3, atol=5e-5)  # float32 sum order
+
+    # Moving the single-process run (1 x 2) at iteration 2 onto 2 ranks x 1 (--allow-layout-change):
+    # same global batch, so it continues at iteration 2 with the same lr, and here the same data stream,
+    # i.e. the single process's iterations 3 and 4.
+    tmp.spawn(
+        train_worker,
+        args=(2, free_port(), str(ds.root), str(tmp_path / "moved"), f"{result_file}.moved",
+              str(tmp_path / "single" / "iter_00000002.pt")),
+        nprocs=2,
+        join=True,
+    )  # fmt: skip
+    moved = json.loads(Path(f"{result_file}.moved.0").read_text())["losses"]
+    assert [r["iteration"] for r in moved] == [3, 4]
+    for d, s in zip(moved, single.losses[2:], strict=True):
+        assert d["lr"] == s["lr"]
+        for key in ("total_loss", "loss_cls", "loss_bbox", "loss_ctr"):
+            assert d[key] == pytest.approx(s[key], rel=1e-5), (d["iteration"], key, d[key], s[key])
 
 
 def _torchrun_train(
