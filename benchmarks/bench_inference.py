@@ -7,12 +7,15 @@ of a BGR uint8 image + batching), forward, and post-processing (threshold + per-
 Random weights put every one of ~1.6M class scores above the 0.05 threshold, which no trained model
 does; for the post-processing stage the classifier logits are shifted so that 2,000 candidates pass,
 a typical count for a trained COCO model. FCOS is timed end to end (its own transform, forward and
-post-processing, with torchvision's default thresholds).
+post-processing, with torchvision's default thresholds). On CPU ATSS runs inference on NHWC
+(channels_last) activations; the NCHW forward and an NHWC FCOS are timed too, so the layout gain is
+shown separately from the model difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -45,6 +48,11 @@ def main() -> None:
     cfg = PRESETS["atss_res50_coco_3x_800size"]
     atss = build_model(cfg).eval()
     fcos = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    # Layout peers: ATSS with its NHWC CPU path off (plain NCHW, as before), and FCOS given the same
+    # trick (channels_last weights make its convolutions produce NHWC activations).
+    atss_nchw = copy.deepcopy(atss)
+    atss_nchw._nhwc_inference = lambda x: False  # type: ignore[method-assign]
+    fcos_nhwc = copy.deepcopy(fcos).to(memory_format=torch.channels_last)
 
     def pre() -> torch.Tensor:
         resized = resize_shortest_edge(image, cfg.test_image_short_size, cfg.test_image_max_size)
@@ -72,12 +80,27 @@ def main() -> None:
     def post() -> None:
         select_detections(*dense, score_threshold=0.05, nms_threshold=0.6, max_detections=100)
 
+    def forward_nchw() -> None:
+        with torch.inference_mode():
+            atss_nchw(batch)
+
     def fcos_full() -> None:
         with torch.inference_mode():
             fcos(fcos_input)
 
+    def fcos_full_nhwc() -> None:
+        with torch.inference_mode():
+            fcos_nhwc(fcos_input)
+
     med = interleaved_medians(
-        {"atss_pre": pre, "atss_forward": forward, "atss_post": post, "fcos_total": fcos_full},
+        {
+            "atss_pre": pre,
+            "atss_forward": forward,
+            "atss_post": post,
+            "atss_forward_nchw": forward_nchw,
+            "fcos_total": fcos_full,
+            "fcos_total_nhwc": fcos_full_nhwc,
+        },
         repeats=args.repeats,
     )
     total = med["atss_pre"] + med["atss_forward"] + med["atss_post"]
@@ -91,8 +114,12 @@ def main() -> None:
     print(f"| ATSS forward | {med['atss_forward'] * 1e3:.1f} |")
     print(f"| ATSS post-processing | {med['atss_post'] * 1e3:.1f} |")
     print(f"| ATSS total | {total * 1e3:.1f} |")
+    print(f"| ATSS forward, NCHW (NHWC path off) | {med['atss_forward_nchw'] * 1e3:.1f} |")
     print(f"| torchvision FCOS total | {med['fcos_total'] * 1e3:.1f} |")
+    print(f"| torchvision FCOS total, channels_last weights | {med['fcos_total_nhwc'] * 1e3:.1f} |")
     print(f"ratio ATSS/FCOS total: {total / med['fcos_total']:.3f}")
+    print(f"ratio ATSS/FCOS total, both NHWC: {total / med['fcos_total_nhwc']:.3f}")
+    print(f"ATSS forward NHWC/NCHW: {med['atss_forward'] / med['atss_forward_nchw']:.3f}")
 
 
 if __name__ == "__main__":
