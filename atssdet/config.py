@@ -28,7 +28,7 @@ COCO_CLASSES: tuple[str, ...] = (
 # The synthetic shapes dataset (atssdet.data.synth); category ids 1..6 in this order.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "star", "ring", "cross")
 
-# ATSSConfig.numerics: which arithmetic the head GroupNorm uses (atssdet.modeling.head.GroupNorm).
+# ATSSConfig.numerics: PyTorch's fast arithmetic or MegEngine's (see the field's comment).
 NUMERICS: tuple[str, ...] = ("torch", "megengine")
 
 # Output channels of res3, res4, res5 for each backbone.
@@ -67,9 +67,11 @@ class ATSSConfig:
     in_features: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
     head_num_convs: int = 4
     head_norm_groups: int = 32
-    # "torch": PyTorch kernels throughout. "megengine": the head GroupNorm rounds as MegEngine's CPU
-    # kernel (sequential float32 sums, computed with NumPy on the CPU; slower), which brings outputs and
-    # the train step to MegEngine's numbers ~10x closer. See docs/training-losses.md ("Numerics").
+    # "torch": the fast PyTorch path (at inference: one-pass FrozenBN, NHWC activations on CPU).
+    # "megengine": compute as MegEngine does where it shows in the results: the head GroupNorm rounds
+    # as MegEngine's CPU kernel (sequential float32 sums, computed with NumPy on the CPU; slower),
+    # FrozenBN multiplies then adds, activations stay NCHW. Outputs and the train step come ~10x
+    # closer to MegEngine's numbers. See docs/training-losses.md ("Numerics").
     numerics: str = "torch"
 
     num_anchors: int = 1

@@ -145,3 +145,25 @@ def test_module_keys_and_numerics_switch() -> None:
 def test_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="divisible"):
         megengine_group_norm(torch.zeros(1, 6, 2, 2), 4, torch.ones(6), torch.zeros(6))
+
+
+def test_frozen_bn_paths() -> None:
+    """FrozenBN: MegEngine's x * s + (b - rm * s) in training and with numerics="megengine"; the one-pass
+    addcmul in eval with numerics="torch" gives the same values up to one rounding."""
+    from atssdet.modeling.resnet import FrozenBN
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 7)
+    fast, exact = FrozenBN(8), FrozenBN(8, numerics="megengine")
+    fast.weight.copy_(torch.rand(8) + 0.5)
+    fast.bias.copy_(torch.randn(8))
+    fast.running_mean.copy_(torch.randn(8))
+    fast.running_var.copy_(torch.rand(8) + 0.5)
+    exact.load_state_dict(fast.state_dict())
+    s = fast.weight * (fast.running_var + 1e-5).rsqrt()
+    expected = x * s.view(1, -1, 1, 1) + (fast.bias - fast.running_mean * s).view(1, -1, 1, 1)
+    assert torch.equal(exact.eval()(x), expected)
+    assert torch.equal(fast.train()(x), expected)
+    eval_out = fast.eval()(x)
+    assert float((eval_out - expected).abs().max()) <= 4e-6 * float(expected.abs().max())
+    assert list(fast.state_dict()) == ["weight", "bias", "running_mean", "running_var"]

@@ -50,7 +50,9 @@ class ATSS(nn.Module):
     def __init__(self, cfg: ATSSConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        bottom_up = ResNet(cfg.backbone, norm=cfg.backbone_norm, freeze_at=cfg.backbone_freeze_at)
+        bottom_up = ResNet(
+            cfg.backbone, norm=cfg.backbone_norm, freeze_at=cfg.backbone_freeze_at, numerics=cfg.numerics
+        )
         c3, c4, c5 = cfg.fpn_in_channels
         self.backbone = FPNBackbone(
             bottom_up, (c3, c4, c5), cfg.fpn_out_channels, top_in_channels=cfg.fpn_top_in_channel
