@@ -414,7 +414,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--out", default="runs/predict", metavar="DIR", help="output folder (default: %(default)s)"
     )
     p.add_argument(
-        "--batch-size", type=int, default=4, metavar="N", help="images per forward pass (default: 4)"
+        "--batch-size", type=int, metavar="N", help="images per forward pass (default: 1 on CPU, 4 on GPU)"
     )
     p.add_argument(
         "--score-threshold", type=float, metavar="T", help="keep detections scoring > T (config: 0.05)"
