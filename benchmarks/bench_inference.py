@@ -51,7 +51,7 @@ def main() -> None:
     # Layout peers: ATSS with its NHWC CPU path off (plain NCHW, as before), and FCOS given the same
     # trick (channels_last weights make its convolutions produce NHWC activations).
     atss_nchw = copy.deepcopy(atss)
-    atss_nchw._nhwc_inference = lambda x: False  # type: ignore[method-assign]
+    atss_nchw._use_nhwc = lambda x: False  # type: ignore[method-assign]
     fcos_nhwc = copy.deepcopy(fcos).to(memory_format=torch.channels_last)
 
     def pre() -> torch.Tensor:

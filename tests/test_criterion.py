@@ -83,7 +83,7 @@ def test_train_step_losses(train_step_mge) -> None:
 
 def test_train_step_losses_default_numerics(train_step) -> None:
     ref, _, losses = train_step
-    # bbox 7e-8 and ctr 4e-7 measured. cls (and so total) measured 1.36e-5: MegEngine's GroupNorm sums
+    # bbox 7e-8 and ctr 3e-7 measured. cls (and so total) measured 1.31e-5: MegEngine's GroupNorm sums
     # ~10^5 values per group sequentially in float32, which offsets its p3 scores by ~5e-6 relative; the
     # focal sum over all 3M point x class terms integrates that. numerics="megengine" removes it (above).
     _check_losses(ref, losses, {"loss_bbox": 1e-5, "loss_ctr": 1e-5, "loss_cls": 2e-5, "total_loss": 2e-5})
@@ -138,11 +138,13 @@ def test_fpn_output5_gradient_gap_is_one_relu_tie(reference_dir, r18_checkpoint)
 def test_train_step_gradients_default_numerics(train_step) -> None:
     ref, model, _ = train_step
     tolerances = {
-        "head.cls_score.weight": 1e-4,  # measured 2.1e-5
-        "head.bbox_pred.weight": 1e-4,  # 8.9e-7
-        "head.ctrness.weight": 1e-4,  # 9.8e-7
-        "head.scale_list": 1e-4,  # 2.5e-7
-        "backbone.fpn_output5.weight": 3e-4,  # 2.0e-4: the GroupNorm offset plus the ReLU tie above
+        "head.cls_score.weight": 1e-4,  # measured 2.0e-5
+        "head.bbox_pred.weight": 1e-4,  # 1.1e-6
+        "head.ctrness.weight": 1e-4,  # 1.0e-6
+        "head.scale_list": 1e-4,  # 3.6e-7
+        # measured 2.8e-4 (2.0e-4 with NCHW activations): the GroupNorm offset plus ReLU ties like the
+        # one above, which the float32 rounding of the (NHWC, CPU) convolutions decides either way.
+        "backbone.fpn_output5.weight": 5e-4,
     }
     _check_gradients(ref, model, tolerances)
 

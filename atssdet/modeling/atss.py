@@ -75,21 +75,16 @@ class ATSS(nn.Module):
         padded = pad_to_multiple(images, SIZE_DIVISIBILITY)
         return (padded - self.pixel_mean) / self.pixel_std
 
-    def _nhwc_inference(self, x: Tensor) -> bool:
-        """Run CPU inference on NHWC (channels_last) activations: oneDNN convolutions are ~1.45x faster
-        (ATSS-R50 at 800x1333, benchmarks/bench_inference.py); values equal up to float32 summation
-        order (~1e-6). Not in training (~6 % faster only, and the train-step parity figures are
-        measured on NCHW), not with ``numerics="megengine"`` (parity mode), not while tracing."""
-        return (
-            x.device.type == "cpu"
-            and not self.training
-            and self.cfg.numerics == "torch"
-            and not torch.jit.is_tracing()
-        )
+    def _use_nhwc(self, x: Tensor) -> bool:
+        """Run on NHWC (channels_last) activations on CPU: oneDNN convolutions are faster there
+        (ATSS-R50 inference at 800x1333 1.35x, the demo's train step 1.35x; benchmarks/bench_inference.py).
+        Values equal up to float32 summation order (~1e-6). Not with ``numerics="megengine"`` (parity
+        mode keeps MegEngine's NCHW), not while tracing for export."""
+        return x.device.type == "cpu" and self.cfg.numerics == "torch" and not torch.jit.is_tracing()
 
     def forward(self, images: Tensor) -> ATSSOutput:
         x = self.normalize(images.float())
-        if self._nhwc_inference(x):
+        if self._use_nhwc(x):
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
         logits, offsets, ctrness = self.head(features)

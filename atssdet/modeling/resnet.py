@@ -28,10 +28,9 @@ class FrozenBN(FrozenBatchNorm2d):
     """torchvision's ``FrozenBatchNorm2d`` (same buffers and keys): ``y = x * s + (b - rm * s)``,
     ``s = w / sqrt(rv + eps)``, as MegEngine computes it.
 
-    In eval mode with ``numerics="torch"`` it computes the same affine map in one pass
-    (``torch.addcmul``, ~2x faster, values equal up to one rounding); in training and with
-    ``numerics="megengine"`` it keeps MegEngine's multiply-then-add, the path the parity figures of
-    the train step are measured on.
+    With ``numerics="torch"`` it computes the same affine map in one pass (``torch.addcmul``, ~2x
+    faster, values equal up to one rounding); with ``numerics="megengine"`` it keeps MegEngine's
+    multiply-then-add.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, *, numerics: str = "torch") -> None:
@@ -42,7 +41,7 @@ class FrozenBN(FrozenBatchNorm2d):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
         scale, bias = scale.reshape(1, -1, 1, 1), bias.reshape(1, -1, 1, 1)
-        if self.training or self.numerics != "torch":
+        if self.numerics != "torch":
             return x * scale + bias
         return torch.addcmul(bias, x, scale)
 
