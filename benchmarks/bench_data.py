@@ -6,6 +6,7 @@ Run: python benchmarks/bench_data.py  (prints medians of repeated runs and ratio
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -57,6 +58,9 @@ def _coco_like_json(path: Path, num_images: int, anns_per_image: float, seed: in
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     from pycocotools.coco import COCO
 
     with tempfile.TemporaryDirectory() as tmp:

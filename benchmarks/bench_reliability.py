@@ -7,6 +7,7 @@ Run: python benchmarks/bench_reliability.py  (medians of repeated interleaved ru
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +26,9 @@ from benchmarks.common import interleaved_medians, machine_line  # noqa: E402
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     print(machine_line())
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8), (7, 7), 2)

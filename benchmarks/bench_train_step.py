@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.detection import fcos_resnet50_fpn
 from torchvision.ops import FrozenBatchNorm2d
 
-from atssdet.assign import atss_assign
-from atssdet.config import ATSSConfig
-from atssdet.criterion import atss_loss, pad_targets
-from atssdet.modeling.atss import ATSS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atssdet.assign import atss_assign  # noqa: E402
+from atssdet.config import ATSSConfig  # noqa: E402
+from atssdet.criterion import atss_loss, pad_targets  # noqa: E402
+from atssdet.modeling.atss import ATSS  # noqa: E402
 
 
 def make_targets(
