@@ -441,7 +441,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--numerics",
         choices=["torch", "megengine"],
         help="megengine: round the head GroupNorm as MegEngine's CPU kernel (closest to MegEngine's "
-        "numbers, slower: 1.67x on CPU for R50); default torch",
+        "numbers, slower: 1.87x on CPU for R50); default torch",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_predict)
