@@ -233,6 +233,11 @@ def checkpoint_path(out_dir: Path, iteration: int) -> Path:
     return out_dir / f"iter_{iteration:08d}.pt"
 
 
+def _checkpoint_iteration(path: Path) -> int:
+    match = _CKPT_RE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
 def list_checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
     """``iter_*.pt`` files in ``out_dir``, newest (highest iteration) first."""
     folder = Path(out_dir)
@@ -541,6 +546,20 @@ def train(
                         "continue at the same number of images seen with another data order"
                     )
                 relayout_from = saved_layout
+                # Iteration numbers of two layouts must not mix in one folder: --resume auto and
+                # keep_checkpoints order checkpoints by iteration number.
+                new_start = int(ckpt["iteration"]) * saved_layout[0] * saved_layout[1] // global_batch
+                later: list[str] = []
+                if main:
+                    later = [p.name for p in list_checkpoints(out) if _checkpoint_iteration(p) > new_start]
+                later = distributed.broadcast_object(later)
+                if later:
+                    raise ValueError(
+                        f"{out}: holds checkpoints past iteration {new_start} (where the run continues "
+                        f"as {world} x {batch_size}): {', '.join(sorted(later)[:3])}"
+                        f"{' ...' if len(later) > 3 else ''}; two layouts' iteration numbers would mix. "
+                        f"Continue in a new folder: --resume {resume_path} --allow-layout-change --out NEW_DIR"
+                    )
             seed = int(ckpt.get("seed", seed))
 
     # --- model
@@ -575,7 +594,7 @@ def train(
         if relayout_from is not None:
             # Same number of images seen, so the epoch-based schedule (decay stages) lines up.
             images_seen = start_iter * relayout_from[0] * relayout_from[1]
-            start_iter = images_seen // global_batch
+            start_iter = images_seen // global_batch  # = new_start above
             rank_seed = (seed * 1_000_003 + start_iter) * 4096 + rank
             torch.manual_seed(rank_seed)
             random.seed(rank_seed)

@@ -391,6 +391,15 @@ def test_resume_with_another_layout_when_allowed(dataset, reference_run, tmp_pat
     # The new run's checkpoints are in the new layout: resuming them needs no flag.
     again = run_tiny(dataset, out, batch_size=1, max_iters=24, resume="auto")
     assert again.start_iteration == 23 and [r["iteration"] for r in again.losses] == [24]
+    # A larger global batch continues at a lower iteration number: refused in a folder that already
+    # holds later checkpoints (--resume auto and keep_checkpoints sort by iteration number).
+    before = sorted(p.name for p in ref_out.iterdir())
+    with pytest.raises(
+        ValueError, match=r"holds checkpoints past iteration 5 .*iter_00000010\.pt.*--out NEW_DIR"
+    ):
+        run_tiny(dataset, ref_out, batch_size=4, max_iters=8, resume=ref_out / "iter_00000010.pt",
+                 allow_layout_change=True)  # fmt: skip
+    assert sorted(p.name for p in ref_out.iterdir()) == before
 
 
 def test_keep_checkpoints_prunes_old_files(dataset, tmp_path):
