@@ -146,8 +146,9 @@ def hub_load(
 ) -> CompatModel:
     """The seed's ``hub.load(..., name, pretrained=True)``: a :class:`CompatModel` in eval mode.
 
-    ``numerics="megengine"`` makes the head GroupNorm round as MegEngine's CPU kernel (outputs about
-    10x closer to MegEngine's; slower): see :class:`atssdet.modeling.head.GroupNorm`.
+    ``numerics="megengine"`` computes as MegEngine does where it shows (the head GroupNorm rounded as
+    its CPU kernel, NCHW, its FrozenBN formula): outputs about 10x closer to MegEngine's, slower. See
+    ``ATSSConfig.numerics``.
     """
     from atssdet.zoo import load
 

@@ -324,8 +324,8 @@ class Detector:
     ) -> Detector:
         """Zoo model ``name`` with its official COCO weights (downloaded once, see :mod:`atssdet.download`).
 
-        ``numerics="megengine"`` rounds the head GroupNorm as MegEngine's CPU kernel (see
-        :class:`atssdet.modeling.head.GroupNorm`); default: the config's (``"torch"``).
+        ``numerics="megengine"`` computes as MegEngine does (head GroupNorm rounded as its CPU kernel,
+        NCHW, its FrozenBN formula; see ``ATSSConfig.numerics``); default: the config's (``"torch"``).
         """
         from atssdet.zoo import load
 
