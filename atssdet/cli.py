@@ -308,6 +308,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nms-threshold", type=float, help="default: the config's test_nms")
     p.add_argument("--max-detections", type=int, help="default: the config's test_max_boxes_per_image")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--raw-input",
+        action="store_true",
+        help="input one uint8 image [H,W,3] BGR as read by cv2.imread; the graph resizes it (bit-exact "
+        "cv2.INTER_LINEAR) and returns boxes in its pixels (--input-hw: the example image size)",
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -332,6 +338,7 @@ def _run_export(args: argparse.Namespace) -> int:
         class_agnostic=args.class_agnostic,
         example_hw=example_hw,
         model_name=args.model,
+        raw_input=args.raw_input,
     )
     print(f"wrote {out}")
     print(onnx_signature(out))

@@ -34,11 +34,12 @@ from torchvision.ops import batched_nms
 from atssdet.config import ATSSConfig
 from atssdet.fileio import atomic_path
 from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY, ATSSOutput, flatten_levels
-from atssdet.ops.images import pad_to_multiple
+from atssdet.ops.images import pad_to_multiple, resize_bilinear_opencv
 from atssdet.ops.points import grid_points
 from atssdet.postprocess import Detections, dense_scores_and_boxes, select_detections
 
 INPUT_NAMES = ("images", "image_hw", "orig_hw")
+RAW_INPUT_NAME = "image"  # --raw-input graphs: one uint8 [H, W, 3] BGR image
 DENSE_OUTPUT_NAMES = ("scores", "boxes")
 NMS_OUTPUT_NAMES = ("detections", "num_detections")
 METADATA_PREFIX = "atssdet."
@@ -247,6 +248,31 @@ class _ExportGraph(nn.Module):
         )
 
 
+class _RawInputGraph(nn.Module):
+    """``image`` uint8 ``[H, W, 3]`` BGR (one image, any size, as ``cv2.imread`` gives it) -> the outputs
+    of :class:`_ExportGraph` for it, with MegEngine's test resize inside the graph: the size rule of
+    ``DetEvaluator.process_inputs`` and a bit-exact ``cv2.INTER_LINEAR``
+    (:func:`atssdet.ops.images.resize_bilinear_opencv`); boxes come out in the image's pixels."""
+
+    def __init__(self, inner: nn.Module, short_size: int, max_size: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.short_size = float(short_size)
+        self.max_size = float(max_size)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        hw = torch._shape_as_tensor(image)[:2].to(device=image.device, dtype=torch.float64)
+        # [1]-shaped, not 0-d: the ONNX exporter would compute 0-d arithmetic in float32.
+        small = torch.amin(hw, dim=0, keepdim=True)
+        large = torch.amax(hw, dim=0, keepdim=True)
+        scale = self.short_size / small
+        scale = torch.where(scale * large > self.max_size, self.max_size / large, scale)
+        new_hw = torch.round(hw * scale).long()  # Python's round: halves to even, in float64
+        resized = resize_bilinear_opencv(image, new_hw[0], new_hw[1])
+        images = resized.permute(2, 0, 1).unsqueeze(0).float()
+        return self.inner(images, new_hw.float().unsqueeze(0), hw.float().unsqueeze(0))
+
+
 def export_metadata(
     cfg: ATSSConfig,
     *,
@@ -256,6 +282,7 @@ def export_metadata(
     max_detections: int,
     class_agnostic: bool,
     model_name: str | None = None,
+    raw_input: bool = False,
 ) -> dict[str, str]:
     """The ``metadata_props`` written into the ONNX file (all values are strings, JSON where structured)."""
     from atssdet import __version__
@@ -275,6 +302,17 @@ def export_metadata(
         "resize": f"shortest edge {cfg.test_image_short_size}, max {cfg.test_image_max_size}, "
         "cv2.INTER_LINEAR on uint8 (outside the graph)",
     }
+    if raw_input:
+        convention = {
+            "image": "uint8 [H, W, 3] BGR, one image of any size (what cv2.imread returns)",
+            "channel_order": "BGR",
+            "resize": f"inside the graph: shortest edge {cfg.test_image_short_size}, max "
+            f"{cfg.test_image_max_size}, bit-exact cv2.INTER_LINEAR on uint8",
+            "pad_inside_graph": True,
+            "normalize_inside_graph": True,
+            "boxes": "in the input image's pixels",
+            "batch": 1,
+        }
     meta = {
         "atssdet_version": __version__,
         "model_name": model_name or "",
@@ -289,6 +327,7 @@ def export_metadata(
         "nms_threshold": repr(float(nms_threshold)),
         "max_detections": str(int(max_detections)),
         "class_agnostic": json.dumps(bool(class_agnostic)),
+        "input_format": "raw" if raw_input else "resized",
     }
     return {METADATA_PREFIX + k: v for k, v in meta.items()}
 
@@ -306,6 +345,7 @@ def export_onnx(
     class_agnostic: bool = False,
     example_hw: tuple[int, int] = (213, 160),
     model_name: str | None = None,
+    raw_input: bool = False,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (written atomically) and return the path.
 
@@ -315,6 +355,10 @@ def export_onnx(
     ``test_cls_threshold``, ``test_nms`` and ``test_max_boxes_per_image``. ``dynamic`` makes N, H, W
     (and A) symbolic; otherwise the graph is fixed to ``example_hw`` and batch 1. Uses the
     TorchScript exporter (``dynamo=False``), which needs no extra packages.
+
+    ``raw_input``: the graph takes one ``image`` uint8 ``[H, W, 3]`` BGR of any size instead and does
+    the test resize itself, bit-exactly as ``cv2.resize`` (see :class:`_RawInputGraph`); outputs keep
+    their names with batch 1. ``example_hw`` is then the example image's size.
     """
     onnx = _require("onnx")
     cfg = model.cfg
@@ -334,7 +378,7 @@ def export_onnx(
         raise ValueError(
             f"example_hw {example_hw}: at least one side must not be a multiple of {SIZE_DIVISIBILITY}"
         )
-    graph = _ExportGraph(
+    graph: nn.Module = _ExportGraph(
         model,
         with_nms=with_nms,
         score_threshold=score_threshold,
@@ -347,9 +391,19 @@ def export_onnx(
     images = (torch.rand((1, 3, h, w), generator=gen) * 255).to(device)
     image_hw = torch.tensor([[h, w]], dtype=torch.float32, device=device)
     orig_hw = torch.tensor([[2 * h, 2 * w]], dtype=torch.float32, device=device)
+    example_inputs: tuple[Tensor, ...] = (images, image_hw, orig_hw)
+    input_names = list(INPUT_NAMES)
     output_names = list(NMS_OUTPUT_NAMES if with_nms else DENSE_OUTPUT_NAMES)
     dynamic_axes: dict[str, dict[int, str]] | None = None
-    if dynamic:
+    if raw_input:
+        graph = _RawInputGraph(graph, cfg.test_image_short_size, cfg.test_image_max_size).eval()
+        example_inputs = ((torch.rand((h, w, 3), generator=gen) * 255).to(device=device, dtype=torch.uint8),)
+        input_names = [RAW_INPUT_NAME]
+        if dynamic:
+            dynamic_axes = {RAW_INPUT_NAME: {0: "height", 1: "width"}}
+            if not with_nms:
+                dynamic_axes |= {"scores": {1: "anchors"}, "boxes": {1: "anchors"}}
+    elif dynamic:
         dynamic_axes = {
             "images": {0: "batch", 2: "height", 3: "width"},
             "image_hw": {0: "batch"},
@@ -374,9 +428,9 @@ def export_onnx(
             warnings.filterwarnings("ignore", message=".*The feature will be removed.*")
             torch.onnx.export(
                 graph,
-                (images, image_hw, orig_hw),
+                example_inputs,
                 tmp,
-                input_names=list(INPUT_NAMES),
+                input_names=input_names,
                 output_names=output_names,
                 dynamic_axes=dynamic_axes,
                 opset_version=opset,
@@ -392,6 +446,7 @@ def export_onnx(
             max_detections=max_detections,
             class_agnostic=class_agnostic,
             model_name=model_name,
+            raw_input=raw_input,
         )
         onnx.helper.set_model_props(proto, meta)
         if not with_nms:
@@ -468,6 +523,12 @@ class OnnxDetector:
         meta = read_onnx_metadata(self.path)
         if "config" not in meta:
             raise ValueError(f"{self.path}: not an atssdet ONNX export (no atssdet.config metadata)")
+        if meta.get("input_format") == "raw":
+            raise ValueError(
+                f"{self.path}: exported with --raw-input (one uint8 [H, W, 3] image in, resize inside); "
+                "run it with onnxruntime directly (docs/export.md), or export without --raw-input for "
+                "Detector / predict --weights"
+            )
         self.metadata = meta
         self.cfg = ATSSConfig.from_json(meta["config"])
         self.class_names: tuple[str, ...] = tuple(json.loads(meta["class_names"]))

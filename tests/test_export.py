@@ -345,3 +345,31 @@ def test_detector_and_cli_predict_run_onnx_files(r18_model, r18_outputs, dense_o
     result = run_cli("predict", str(image_path), "--weights", str(dense_onnx), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert any((tmp_path / "out").iterdir())
+
+
+@pytest.fixture(scope="session")
+def raw_cli_run(r18_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "r18_raw.onnx"
+    result = run_cli(
+        "export", "--model", R18, "--weights", str(r18_checkpoint), "--out", str(out), "--with-nms",
+        "--raw-input",
+    )  # fmt: skip
+    return out, result
+
+
+def test_raw_input_onnx_reproduces_megengine_from_the_decoded_image(raw_cli_run, r18_outputs):
+    """--raw-input: cv2.imread's uint8 image in, MegEngine's DetEvaluator.predict detections out (the
+    resize runs inside the graph, bit-exact with cv2.INTER_LINEAR), for three sizes in one dynamic file."""
+    import onnxruntime as ort
+
+    out, result = raw_cli_run
+    assert result.returncode == 0, result.stderr
+    assert "image: uint8[height, width, 3]" in result.stdout
+    assert read_onnx_metadata(out)["input_format"] == "raw"
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for name in IMAGES:
+        detections, count = session.run(None, {"image": r18_outputs[f"{name}__image"]})
+        got = detections[0, : int(count[0])].astype(np.float64)
+        assert_dets_match(got, r18_outputs[f"{name}__dets"])  # same tolerances as the PyTorch path
+    with pytest.raises(ValueError, match=r"r18_raw\.onnx: exported with --raw-input"):
+        OnnxDetector(out)
