@@ -46,3 +46,26 @@ def test_float_bilinear_would_not_do() -> None:
     approx = torch.nn.functional.interpolate(x, size=(1067, 800), mode="bilinear", align_corners=False)
     approx_u8 = approx.round().clamp(0, 255)[0].permute(1, 2, 0).to(torch.uint8).numpy()
     assert (approx_u8 != want).mean() > 0.05
+
+
+def test_same_bits_in_onnx_runtime(tmp_path) -> None:
+    """Traced to ONNX with dynamic sizes (as export --raw-input does), ONNX Runtime gives cv2's bits too."""
+    import onnxruntime as ort
+
+    class Resize(torch.nn.Module):
+        def forward(self, image: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+            return resize_bilinear_opencv(image, size[0], size[1])
+
+    path = tmp_path / "resize.onnx"
+    example = (torch.zeros(213, 160, 3, dtype=torch.uint8), torch.tensor([1065, 800]))
+    torch.onnx.export(
+        Resize(), example, str(path), input_names=["image", "size"], opset_version=17, dynamo=False,
+        dynamic_axes={"image": {0: "h", 1: "w"}},
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    for height, width in [(612, 459), (1000, 700), (37, 53), (1600, 2400)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        h, w = get_hw_by_short_size(height, width, 800, 1333)
+        (got,) = session.run(None, {"image": image, "size": np.array([h, w], dtype=np.int64)})
+        np.testing.assert_array_equal(got, cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR))
