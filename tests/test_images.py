@@ -38,6 +38,13 @@ def test_matches_cv2_on_arbitrary_sizes_and_channels() -> None:
         np.testing.assert_array_equal(resize_bilinear_opencv(torch.from_numpy(image), h, w).numpy(), want)
 
 
+def test_rejects_other_inputs() -> None:
+    with pytest.raises(ValueError, match=r"uint8 \[H, W, C\] image, got torch.float32 \(4, 4, 3\)"):
+        resize_bilinear_opencv(torch.zeros(4, 4, 3), 2, 2)
+    with pytest.raises(ValueError, match=r"got torch.uint8 \(1, 4, 4, 3\)"):
+        resize_bilinear_opencv(torch.zeros(1, 4, 4, 3, dtype=torch.uint8), 2, 2)
+
+
 def test_float_bilinear_would_not_do() -> None:
     """Why the fixed-point emulation: torch's float bilinear differs from OpenCV on ~10 % of pixels."""
     image = np.random.default_rng(1).integers(0, 256, (612, 459, 3), dtype=np.uint8)

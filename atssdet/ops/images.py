@@ -60,6 +60,8 @@ def resize_bilinear_opencv(image: Tensor, height: Tensor | int, width: Tensor | 
     into an ONNX graph with dynamic sizes (``atssdet export --raw-input``). No antialiasing, as
     OpenCV's INTER_LINEAR.
     """
+    if image.dim() != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 [H, W, C] image, got {image.dtype} {tuple(image.shape)}")
     src_h = torch._shape_as_tensor(image)[0]
     src_w = torch._shape_as_tensor(image)[1]
     dst_h = torch.as_tensor(height, dtype=torch.int64, device=image.device)
