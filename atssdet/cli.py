@@ -9,8 +9,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atssdet.zoo import ZOO
+
+if TYPE_CHECKING:
+    from atssdet.predict import Detector
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -410,7 +415,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predictions_coco.json + images_coco.json) into --out. Unreadable files are reported and "
         "skipped; the exit status is non-zero only when no image succeeded.",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, video files (.mp4 .avi .mov .mkv ...: a drawn .mp4 and per-frame JSON lines), "
+        "folders or glob patterns",
+    )
     p.add_argument("--model", choices=sorted(ZOO), help="zoo model (official weights unless --weights)")
     p.add_argument(
         "--weights",
@@ -455,7 +466,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from atssdet.predict import Detector, predict_files
+    from atssdet.predict import VIDEO_SUFFIXES, Detector, expand_inputs, predict_files
 
     # Unreadable files are reported once, below, rather than also by the library's warnings.
     logging.getLogger("atssdet.predict").setLevel(logging.ERROR)
@@ -480,8 +491,19 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise ValueError("give --model NAME (official weights) or --weights FILE")
     if args.coco_annotations is not None and not args.coco:
         raise ValueError("--coco-annotations only makes sense with --coco")
+    files, unexpanded = expand_inputs(args.paths)
+    videos = [f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
+    if videos and args.coco:
+        raise ValueError(f"--coco is for images; {videos[0]} is a video (videos write JSON lines per frame)")
+    done = _predict_videos(videos, detector, args)
+    if videos:
+        for _, reason in unexpanded:
+            print(f"atssdet predict: skipped {reason}", file=sys.stderr)
+        images = [f for f in files if f not in set(videos)]
+        if not images:
+            return 0 if done else 1
     report = predict_files(
-        args.paths,
+        images if videos else args.paths,
         detector=detector,
         out_dir=args.out,
         batch_size=args.batch_size,
@@ -500,7 +522,40 @@ def _run_predict(args: argparse.Namespace) -> int:
     print(report.table())
     for _, reason in report.failed:  # each reason starts with the file name
         print(f"atssdet predict: skipped {reason}", file=sys.stderr)
-    return 0 if report.num_ok > 0 else 1
+    return 0 if report.num_ok + done > 0 else 1
+
+
+def _predict_videos(videos: list[str], detector: Detector, args: argparse.Namespace) -> int:
+    """Run :func:`atssdet.predict.predict_video` on each video; report and skip bad ones. Returns how many worked."""
+    from atssdet.predict import predict_video
+
+    done = 0
+    for video in videos:
+        try:
+            result = predict_video(
+                video,
+                detector=detector,
+                out_dir=args.out,
+                batch_size=args.batch_size,
+                score_threshold=args.score_threshold,
+                nms_threshold=args.nms_threshold,
+                max_detections=args.max_detections,
+                class_agnostic=args.class_agnostic,
+                classes=args.classes,
+                flip_tta=args.flip_tta,
+                draw=not args.no_draw,
+                draw_threshold=args.draw_threshold,
+                progress=not args.no_progress,
+            )
+        except ValueError as exc:
+            print(f"atssdet predict: skipped {exc}", file=sys.stderr)
+            continue
+        done += 1
+        wrote = ", ".join(str(p) for p in (result.video_path, result.jsonl_path) if p is not None)
+        print(
+            f"{video}: {result.frames} frames at {result.fps:g} fps in {result.seconds:.1f} s; wrote {wrote}"
+        )
+    return done
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

@@ -140,3 +140,81 @@ def test_numerics_megengine_is_refused_where_it_cannot_run(r18_model_mge, tmp_pa
     (tmp_path / "x.onnx").write_bytes(b"")
     with pytest.raises(ValueError, match=r"x\.onnx: numerics='megengine' needs the PyTorch model"):
         Detector.from_checkpoint(tmp_path / "x.onnx", numerics="megengine")
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float = 5.0) -> None:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def _read_video(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
+def test_cli_video_frames_json_and_drawn_mp4(
+    reference_dir: Path, r18_safetensors: Path, tmp_path: Path, capsys
+):
+    """A video among the inputs: every frame detected like an image; a drawn .mp4 (same size, frame
+    count and rate) and one JSON line per frame; a corrupt video is reported and skipped."""
+    from atssdet.predict import Detector
+
+    cat = cv2.imread(str(reference_dir / "cat.jpg"))
+    frames = [np.ascontiguousarray(np.roll(cat, 12 * i, axis=1)[:240, :320]) for i in range(4)]
+    video = tmp_path / "clip.avi"
+    _write_video(video, frames)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    out = tmp_path / "out"
+    (out / "broken.detections.jsonl").parent.mkdir(parents=True)
+    (out / "broken.detections.jsonl").write_text("kept\n")  # an earlier result of that name stays
+    code = main(["predict", str(video), str(tmp_path / "broken.mp4"), "--weights", str(r18_safetensors),
+                 "--out", str(out), *SIZE_ARGS])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "clip.avi: 4 frames at 5 fps" in captured.out
+    assert "skipped" in captured.err and "broken.mp4" in captured.err
+    assert (out / "broken.detections.jsonl").read_text() == "kept\n"
+
+    lines = [json.loads(line) for line in (out / "clip.detections.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in lines] == [0, 1, 2, 3]
+    assert [r["time_s"] for r in lines] == [0.0, 0.2, 0.4, 0.6]
+    decoded = _read_video(video)  # what the CLI saw (MJPG is lossy)
+    detector = Detector.from_checkpoint(r18_safetensors, device="cpu", short_size=160, max_size=256)
+    for record, frame in zip(lines, decoded, strict=True):
+        (want,) = detector.predict([frame])
+        assert (record["height"], record["width"]) == (240, 320)
+        assert [d["label"] for d in record["detections"]] == want.labels.tolist()
+        np.testing.assert_allclose([d["score"] for d in record["detections"]], want.scores.numpy(), rtol=1e-6)
+    drawn = _read_video(out / "clip.mp4")
+    assert len(drawn) == 4 and drawn[0].shape == (240, 320, 3)
+    assert cv2.VideoCapture(str(out / "clip.mp4")).get(cv2.CAP_PROP_FPS) == pytest.approx(5.0)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_predict_video_api_without_drawing_and_bad_video(r18_safetensors: Path, tmp_path: Path) -> None:
+    from atssdet.predict import Detector, predict_video
+
+    frames = [np.full((64, 96, 3), 40 * i, np.uint8) for i in range(3)]
+    video = tmp_path / "flat.avi"
+    _write_video(video, frames, fps=10.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "flat.mp4").write_bytes(b"an earlier drawn video")
+    detector = Detector.from_checkpoint(r18_safetensors, device="cpu", short_size=160, max_size=256)
+    report = predict_video(video, detector=detector, out_dir=out, draw=False, progress=False)
+    assert report.frames == 3 and report.fps == pytest.approx(10.0) and report.video_path is None
+    assert len((out / "flat.detections.jsonl").read_text().splitlines()) == 3
+    assert (out / "flat.mp4").read_bytes() == b"an earlier drawn video"  # draw=False writes no video
+    with pytest.raises(ValueError, match=r"missing\.mkv: cannot open as a video"):
+        predict_video(tmp_path / "missing.mkv", detector=detector, out_dir=out, progress=False)
