@@ -10,12 +10,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from atssdet.zoo import ZOO
-
-if TYPE_CHECKING:
-    from atssdet.predict import Detector
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -495,7 +492,21 @@ def _run_predict(args: argparse.Namespace) -> int:
     videos = [f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
     if videos and args.coco:
         raise ValueError(f"--coco is for images; {videos[0]} is a video (videos write JSON lines per frame)")
-    done = _predict_videos(videos, detector, args)
+    options: dict[str, Any] = {
+        "detector": detector,
+        "out_dir": args.out,
+        "batch_size": args.batch_size,
+        "score_threshold": args.score_threshold,
+        "nms_threshold": args.nms_threshold,
+        "max_detections": args.max_detections,
+        "class_agnostic": args.class_agnostic,
+        "classes": args.classes,
+        "flip_tta": args.flip_tta,
+        "draw": not args.no_draw,
+        "draw_threshold": args.draw_threshold,
+        "progress": not args.no_progress,
+    }
+    done = _predict_videos(videos, options)
     if videos:
         for _, reason in unexpanded:
             print(f"atssdet predict: skipped {reason}", file=sys.stderr)
@@ -503,21 +514,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         if not images:
             return 0 if done else 1
     report = predict_files(
-        images if videos else args.paths,
-        detector=detector,
-        out_dir=args.out,
-        batch_size=args.batch_size,
-        score_threshold=args.score_threshold,
-        nms_threshold=args.nms_threshold,
-        max_detections=args.max_detections,
-        class_agnostic=args.class_agnostic,
-        classes=args.classes,
-        flip_tta=args.flip_tta,
-        draw=not args.no_draw,
-        draw_threshold=args.draw_threshold,
-        coco=args.coco,
-        coco_annotations=args.coco_annotations,
-        progress=not args.no_progress,
+        images if videos else args.paths, coco=args.coco, coco_annotations=args.coco_annotations, **options
     )
     print(report.table())
     for _, reason in report.failed:  # each reason starts with the file name
@@ -525,28 +522,15 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0 if report.num_ok + done > 0 else 1
 
 
-def _predict_videos(videos: list[str], detector: Detector, args: argparse.Namespace) -> int:
-    """Run :func:`atssdet.predict.predict_video` on each video; report and skip bad ones. Returns how many worked."""
+def _predict_videos(videos: list[str], options: dict[str, Any]) -> int:
+    """:func:`atssdet.predict.predict_video` on each video (``options``: its keyword arguments); bad
+    videos are reported and skipped. Returns how many worked."""
     from atssdet.predict import predict_video
 
     done = 0
     for video in videos:
         try:
-            result = predict_video(
-                video,
-                detector=detector,
-                out_dir=args.out,
-                batch_size=args.batch_size,
-                score_threshold=args.score_threshold,
-                nms_threshold=args.nms_threshold,
-                max_detections=args.max_detections,
-                class_agnostic=args.class_agnostic,
-                classes=args.classes,
-                flip_tta=args.flip_tta,
-                draw=not args.no_draw,
-                draw_threshold=args.draw_threshold,
-                progress=not args.no_progress,
-            )
+            result = predict_video(video, **options)
         except ValueError as exc:
             print(f"atssdet predict: skipped {exc}", file=sys.stderr)
             continue
