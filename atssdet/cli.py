@@ -155,7 +155,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--weights",
         nargs="+",
         metavar="FILE",
-        help="checkpoint(s): paths, globs ('runs/r18/epoch_*.safetensors') or an {epoch} pattern",
+        help="checkpoint(s): paths, globs ('runs/r18/epoch_*.safetensors') or an {epoch} pattern; an "
+        "exported .onnx file runs in ONNX Runtime",
     )
     p.add_argument("-se", "--start-epoch", type=int, help="first epoch for an {epoch} pattern in --weights")
     p.add_argument("-ee", "--end-epoch", type=int, help="last epoch (inclusive) for an {epoch} pattern")
@@ -223,7 +224,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     rows = []
     try:
         for label, weights in runs:
-            model = load_model(weights=weights, model_name=args.model, overrides=overrides).to(device)
+            model: Any
+            if weights is not None and weights.endswith(".onnx"):  # an exported file, run by ONNX Runtime
+                from atssdet.predict import Detector
+
+                if overrides:
+                    raise ValueError(
+                        f"{weights}: --set does not apply to an ONNX file (its config is baked in)"
+                    )
+                model = Detector.from_checkpoint(weights, device=device.type)
+            else:
+                model = load_model(weights=weights, model_name=args.model, overrides=overrides).to(device)
             out = out_template.replace("{name}", label)
             if main:
                 print(

@@ -18,6 +18,7 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import io
 import json
@@ -43,6 +44,7 @@ from atssdet.config import ATSSConfig
 from atssdet.fileio import atomic_write_json
 from atssdet.modeling.atss import ATSS
 from atssdet.postprocess import Detections
+from atssdet.predict import Detector
 
 STAT_NAMES: tuple[str, ...] = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
@@ -272,20 +274,25 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Detector,
         *,
-        device: torch.device,
+        device: torch.device | None = None,
         short_size: int | None = None,
         max_size: int | None = None,
         score_threshold: float | None = None,
         nms_threshold: float | None = None,
         max_detections: int | None = None,
     ) -> None:
-        from atssdet.predict import Detector
-
-        core = _unwrap(model)
-        _config_of(core)
-        self.detector = Detector(cast(ATSS, core), device=device, short_size=short_size, max_size=max_size)
+        if isinstance(model, Detector):  # e.g. an exported .onnx file run by ONNX Runtime
+            self.detector = copy.copy(model)
+            self.detector.short_size = short_size or model.short_size
+            self.detector.max_size = max_size or model.max_size
+        else:
+            core = _unwrap(model)
+            _config_of(core)
+            self.detector = Detector(
+                cast(ATSS, core), device=device, short_size=short_size, max_size=max_size
+            )
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.max_detections = max_detections
@@ -379,7 +386,7 @@ def _batches(
 
 
 def evaluate(
-    model: nn.Module | DetectFn,
+    model: nn.Module | Detector | DetectFn,
     ann_file: str | os.PathLike[str] | COCO,
     image_dir: str | os.PathLike[str],
     *,
@@ -398,7 +405,8 @@ def evaluate(
     """Run ``model`` over every image of ``ann_file`` (files under ``image_dir``) and score it with COCOeval.
 
     ``model`` is an ATSS model (an in-memory one from a trainer is fine; a DDP wrapper too: its
-    training mode is restored afterwards) or a :data:`DetectFn` callable. ``device`` defaults to the
+    training mode is restored afterwards), a :class:`~atssdet.predict.Detector` (for instance an
+    exported ``.onnx`` file: ``Detector.from_checkpoint("m.onnx")``) or a :data:`DetectFn` callable. ``device`` defaults to the
     model's own device. Images that cannot be read are reported (stderr and ``failed_images``) and
     skipped; the statistics then cover the images that were evaluated. With ``out`` the COCO results
     JSON is written there and the metrics JSON next to it (:func:`metrics_path_for`), atomically, by
@@ -422,7 +430,21 @@ def evaluate(
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None
     batch_key: Callable[[int, int], tuple[int, int]] | None = None
     detect: Callable[[list[np.ndarray], list[tuple[int, int]]], list[Detections]]
-    if isinstance(model, nn.Module):
+    if isinstance(model, Detector):
+        if model.cfg.num_classes != len(cat_ids):
+            raise ValueError(
+                f"{ann_file}: has {len(cat_ids)} categories but the model predicts {model.cfg.num_classes} classes"
+            )
+        runner = ModelRunner(
+            model,
+            short_size=short_size,
+            max_size=max_size,
+            score_threshold=score_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
+        )
+        preprocess, batch_key, detect = runner.preprocess, runner.batch_key, runner.run
+    elif isinstance(model, nn.Module):
         core = _unwrap(model)
         num_classes = _config_of(core).num_classes
         if num_classes != len(cat_ids):

@@ -310,3 +310,28 @@ def test_cli_eval_errors(split, tmp_path, capsys):
     assert "carries no config; name the model with --model" in capsys.readouterr().err
     assert main(["table", str(tmp_path / "missing.metrics.json")]) == 2
     assert "missing.metrics.json: no such file" in capsys.readouterr().err
+
+
+def test_cli_eval_onnx_export_scores_like_pytorch(split, tiny_model, tmp_path, capsys):
+    """`eval --weights m.onnx` runs the exported file in ONNX Runtime through the same pipeline:
+    the same 12 statistics as the PyTorch model (detections equal up to float rounding)."""
+    from atssdet.cli import main
+    from atssdet.export import export_onnx
+
+    ann_file, image_dir = split
+    onnx_path = export_onnx(tiny_model, tmp_path / "tiny.onnx", example_hw=(75, 90))
+    reference = evaluate(tiny_model, ann_file, image_dir, out=tmp_path / "torch.json", progress=False)
+    code = main(
+        ["eval", "--weights", str(onnx_path), "--data", str(ann_file), "--images", str(image_dir),
+         "--out", str(tmp_path / "onnx.json"), "--device", "cpu", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "onnx.metrics.json").read_text())
+    assert metrics["checkpoint"].endswith("tiny.onnx")
+    assert metrics["stats"] == pytest.approx(reference.stats, abs=1e-6)
+    assert_same_detections(
+        json.loads((tmp_path / "onnx.json").read_text()), json.loads((tmp_path / "torch.json").read_text())
+    )
+    assert main(["eval", "--weights", str(onnx_path), "--data", str(ann_file), "--images", str(image_dir),
+                 "--set", "test_nms=0.5"]) == 2  # fmt: skip
+    assert "does not apply to an ONNX file" in capsys.readouterr().err
