@@ -13,7 +13,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atssdet.data.coco import COCODetection  # noqa: E402
 from atssdet.data.synth import generate_synthetic_dataset  # noqa: E402
 from atssdet.data.transforms import TrainTransform  # noqa: E402
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from benchmarks.common import median_time  # noqa: E402
 
 
 def _coco_like_json(path: Path, num_images: int, anns_per_image: float, seed: int = 0) -> int:
@@ -82,19 +73,20 @@ def main() -> None:
         # Interleaved so that load from other processes hits both alike.
         ours, ref = [], []
         for _ in range(3):
-            ours.append(_median_time(load_ours, 1))
-            ref.append(_median_time(load_pycocotools, 1))
+            ours.append(median_time(load_ours, repeats=1, warmup=0))
+            ref.append(median_time(load_pycocotools, repeats=1, warmup=0))
         t_ours, t_ref = statistics.median(ours), statistics.median(ref)
         print(f"  COCODetection          {t_ours:6.2f} s")
         print(f"  pycocotools.COCO       {t_ref:6.2f} s   (ours / pycocotools = {t_ours / t_ref:.2f})")
 
         count = 100
         runs = iter(range(100))
-        t_gen = _median_time(
+        t_gen = median_time(
             lambda: generate_synthetic_dataset(
                 tmpdir / f"synth{next(runs)}", num_train=count, num_val=0, progress=False, log=lambda _: None
             ),
-            3,
+            repeats=3,
+            warmup=0,
         )
         print(f"synthetic generation (256-384 px, PNG): {count / t_gen:.0f} images/s (median of 3 x {count})")
         out = generate_synthetic_dataset(
@@ -106,7 +98,7 @@ def main() -> None:
             remove_images_without_annotations=True,
             transform=TrainTransform(short_sizes=(640, 672, 704, 736, 768, 800), max_size=1333),
         )
-        t_load = _median_time(lambda: [ds[(i, i)] for i in range(len(ds))], 3)
+        t_load = median_time(lambda: [ds[(i, i)] for i in range(len(ds))], repeats=3, warmup=0)
         print(f"read + train transform (to 640-800 short side): {1000 * t_load / len(ds):.1f} ms/image")
 
 
