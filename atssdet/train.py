@@ -514,6 +514,7 @@ def train(
     ckpt: dict[str, Any] | None = None
     resume_path: Path | None = None
     relayout_from: tuple[int, int] | None = None  # (world, batch) of the checkpoint, if it differs
+    relayout_start = 0  # with relayout_from: the iteration of this layout at the same images seen
     if resume is not None:
         if str(resume) == "auto":
             found: tuple[Path | None, list[str]] = (None, [])
@@ -548,14 +549,17 @@ def train(
                 relayout_from = saved_layout
                 # Iteration numbers of two layouts must not mix in one folder: --resume auto and
                 # keep_checkpoints order checkpoints by iteration number.
-                new_start = int(ckpt["iteration"]) * saved_layout[0] * saved_layout[1] // global_batch
+                # Same number of images seen, so the epoch-based schedule (decay stages) lines up.
+                relayout_start = int(ckpt["iteration"]) * saved_layout[0] * saved_layout[1] // global_batch
                 later: list[str] = []
                 if main:
-                    later = [p.name for p in list_checkpoints(out) if _checkpoint_iteration(p) > new_start]
+                    later = [
+                        p.name for p in list_checkpoints(out) if _checkpoint_iteration(p) > relayout_start
+                    ]
                 later = distributed.broadcast_object(later)
                 if later:
                     raise ValueError(
-                        f"{out}: holds checkpoints past iteration {new_start} (where the run continues "
+                        f"{out}: holds checkpoints past iteration {relayout_start} (where the run continues "
                         f"as {world} x {batch_size}): {', '.join(sorted(later)[:3])}"
                         f"{' ...' if len(later) > 3 else ''}; two layouts' iteration numbers would mix. "
                         f"Continue in a new folder: --resume {resume_path} --allow-layout-change --out NEW_DIR"
@@ -592,9 +596,7 @@ def train(
         bad_total = int(ckpt.get("bad_images_total", 0))
         rng_states = ckpt.get("rng") or []
         if relayout_from is not None:
-            # Same number of images seen, so the epoch-based schedule (decay stages) lines up.
-            images_seen = start_iter * relayout_from[0] * relayout_from[1]
-            start_iter = images_seen // global_batch  # = new_start above
+            start_iter = relayout_start
             rank_seed = (seed * 1_000_003 + start_iter) * 4096 + rank
             torch.manual_seed(rank_seed)
             random.seed(rank_seed)
@@ -602,7 +604,8 @@ def train(
             if main:
                 print(
                     f"atssdet train: {resume_path} was trained as {relayout_from[0]} x {relayout_from[1]} "
-                    f"(iteration {int(ckpt['iteration'])}, {images_seen} images); continuing as {world} x "
+                    f"(iteration {int(ckpt['iteration'])}, "
+                    f"{int(ckpt['iteration']) * relayout_from[0] * relayout_from[1]} images); continuing as {world} x "
                     f"{batch_size} at iteration {start_iter}. The learning rate follows the new global "
                     f"batch {global_batch}; the data order differs from an uninterrupted run.",
                     file=sys.stderr,
