@@ -427,36 +427,29 @@ def evaluate(
     my_entries = distributed.shard(entries)
 
     was_training: bool | None = None
+    core: nn.Module | None = None  # the ATSS module evaluated (not for a Detector or a callable)
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None
     batch_key: Callable[[int, int], tuple[int, int]] | None = None
     detect: Callable[[list[np.ndarray], list[tuple[int, int]]], list[Detections]]
-    if isinstance(model, Detector):
-        if model.cfg.num_classes != len(cat_ids):
-            raise ValueError(
-                f"{ann_file}: has {len(cat_ids)} categories but the model predicts {model.cfg.num_classes} classes"
-            )
-        runner = ModelRunner(
-            model,
-            short_size=short_size,
-            max_size=max_size,
-            score_threshold=score_threshold,
-            nms_threshold=nms_threshold,
-            max_detections=max_detections,
-        )
-        preprocess, batch_key, detect = runner.preprocess, runner.batch_key, runner.run
-    elif isinstance(model, nn.Module):
-        core = _unwrap(model)
-        num_classes = _config_of(core).num_classes
+    if isinstance(model, Detector | nn.Module):
+        # A Detector (e.g. an exported .onnx file) runs as it is; a module is moved and set to eval.
+        if isinstance(model, Detector):
+            num_classes = model.cfg.num_classes
+        else:
+            core = _unwrap(model)
+            num_classes = _config_of(core).num_classes
         if num_classes != len(cat_ids):
             raise ValueError(
                 f"{ann_file}: has {len(cat_ids)} categories but the model predicts {num_classes} classes"
             )
-        dev = torch.device(device) if device is not None else next(core.parameters()).device
-        core.to(dev)
-        was_training = core.training
-        core.eval()
+        dev = None
+        if core is not None:
+            dev = torch.device(device) if device is not None else next(core.parameters()).device
+            core.to(dev)
+            was_training = core.training
+            core.eval()
         runner = ModelRunner(
-            core,
+            model if core is None else core,
             device=dev,
             short_size=short_size,
             max_size=max_size,
@@ -464,9 +457,7 @@ def evaluate(
             nms_threshold=nms_threshold,
             max_detections=max_detections,
         )
-        preprocess = runner.preprocess
-        batch_key = runner.batch_key
-        detect = runner.run
+        preprocess, batch_key, detect = runner.preprocess, runner.batch_key, runner.run
     else:
         fn = model
 
@@ -514,7 +505,7 @@ def evaluate(
     finally:
         if bar is not None:
             bar.close()
-        if was_training is not None and was_training:
+        if was_training and core is not None:
             core.train()
 
     # Detections travel as one float64 array per rank ([K, 7]: image id, category id, x, y, w, h,
