@@ -23,7 +23,6 @@ with ``error`` set (naming the file) and no boxes, and a warning is logged.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import glob
 import json
 import logging
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from atssdet.batching import group_by_padded_size, padded_size
-from atssdet.config import COCO_CLASSES, ATSSConfig
+from atssdet.config import COCO_CLASSES, ATSSConfig, with_overrides
 from atssdet.data.image_io import ImageReadError, read_image
 from atssdet.data.transforms import images_to_batch, resize_shortest_edge
 from atssdet.export import OnnxDetector
@@ -510,7 +509,7 @@ class Detector:
                 )
             cfg = found
         if numerics is not None:
-            cfg = dataclasses.replace(cfg, numerics=numerics)
+            cfg = with_overrides(cfg, {"numerics": numerics})
         net = build_model(cfg)
         load_weights(net, path)
         det = cls(net, device=device, short_size=short_size, max_size=max_size)

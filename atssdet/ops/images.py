@@ -62,12 +62,11 @@ def resize_bilinear_opencv(image: Tensor, height: Tensor | int, width: Tensor | 
     """
     if image.dim() != 3 or image.dtype != torch.uint8:
         raise ValueError(f"expected a uint8 [H, W, C] image, got {image.dtype} {tuple(image.shape)}")
-    src_h = torch._shape_as_tensor(image)[0]
-    src_w = torch._shape_as_tensor(image)[1]
+    src_h, src_w = torch._shape_as_tensor(image)[:2].to(image.device)
     dst_h = torch.as_tensor(height, dtype=torch.int64, device=image.device)
     dst_w = torch.as_tensor(width, dtype=torch.int64, device=image.device)
-    x0, x1, a0, a1 = _linear_taps(dst_w, src_w.to(image.device), clamp_weights=True)
-    y0, y1, b0, b1 = _linear_taps(dst_h, src_h.to(image.device), clamp_weights=False)
+    x0, x1, a0, a1 = _linear_taps(dst_w, src_w, clamp_weights=True)
+    y0, y1, b0, b1 = _linear_taps(dst_h, src_h, clamp_weights=False)
     # Integer arithmetic carried in float64, where every value here (< 2^27) is exact and dividing by a
     # power of two then flooring is exactly the kernel's arithmetic shift. (ONNX integer division is
     # exported through float32, which is not exact at these magnitudes.)
