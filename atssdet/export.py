@@ -449,6 +449,12 @@ def export_onnx(
             raw_input=raw_input,
         )
         onnx.helper.set_model_props(proto, meta)
+        if raw_input:
+            # One image in, so the batch axis of every output is 1 (the exporter leaves it symbolic).
+            for output in proto.graph.output:
+                batch_dim = output.type.tensor_type.shape.dim[0]
+                batch_dim.Clear()
+                batch_dim.dim_value = 1
         if not with_nms:
             # The exporter leaves the class axis symbolic; it is fixed by the model.
             class_dim = proto.graph.output[0].type.tensor_type.shape.dim[2]

@@ -365,6 +365,7 @@ def test_raw_input_onnx_reproduces_megengine_from_the_decoded_image(raw_cli_run,
     out, result = raw_cli_run
     assert result.returncode == 0, result.stderr
     assert "image: uint8[height, width, 3]" in result.stdout
+    assert "detections: float[1, 100, 6]" in result.stdout and "num_detections: int64[1]" in result.stdout
     assert read_onnx_metadata(out)["input_format"] == "raw"
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for name in IMAGES:
