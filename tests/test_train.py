@@ -354,6 +354,47 @@ def test_resume_refuses_another_layout_or_config(dataset, reference_run, tmp_pat
               max_iters=12, resume=ckpt, num_workers=0, progress=False, device="cpu")  # fmt: skip
 
 
+def test_resume_after_set_log_interval_continues_but_not_after_a_recipe_change(
+    dataset, reference_run, tmp_path
+):
+    """Resume compares what changes the model, the data or the recipe: ``--set log_interval=5`` (and a
+    test-time field) may change and the run continues with the uninterrupted run's losses; a changed
+    ``basic_lr`` or ``backbone`` is refused, naming the field."""
+    reference, ref_out = reference_run
+    ckpt = ref_out / "iter_00000010.pt"
+    relaxed = with_overrides(TINY_CFG, {"log_interval": 5, "test_nms": 0.5})
+    out = tmp_path / "run"
+    result = train(
+        relaxed, train_ann=dataset.train_ann, train_images=dataset.train_images, out_dir=out, batch_size=2,
+        max_iters=16, checkpoint_every=100, resume=ckpt, num_workers=0, progress=False, device="cpu",
+    )  # fmt: skip
+    assert result.start_iteration == 10 and result.iteration == 16
+    ref = loss_rows(reference)
+    assert loss_rows(result) == {it: ref[it] for it in range(11, 17)}
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if "total_loss" in r] == [11, 15, 16]  # first, every 5th, last
+    assert ATSSConfig.from_json(load_checkpoint(out / "iter_00000016.pt")["config"]).log_interval == 5
+    for key, value in (("basic_lr", 0.02), ("backbone", "resnet34")):
+        other = with_overrides(TINY_CFG, {key: value})
+        with pytest.raises(ValueError, match=f"another config; differences:\n  {key}: checkpoint"):
+            train(other, train_ann=dataset.train_ann, train_images=dataset.train_images, out_dir=tmp_path / key,
+                  max_iters=12, resume=ckpt, num_workers=0, progress=False, device="cpu")  # fmt: skip
+
+
+def test_resume_from_a_checkpoint_that_carries_removed_config_fields(dataset, reference_run, tmp_path):
+    """A checkpoint written before the unread MegEngine fields were removed still resumes."""
+    reference, ref_out = reference_run
+    state = load_checkpoint(ref_out / "iter_00000010.pt")
+    old_config = json.loads(state["config"])
+    old_config.update({"fpn_top_in_feature": "p5", "in_features": ["p3", "p4", "p5", "p6", "p7"]})
+    old_config.update({"backbone_pretrained": False, "num_anchors": 1, "class_aware_box": False})
+    state["config"] = json.dumps(old_config)
+    torch.save(state, tmp_path / "iter_00000010.pt")
+    result = run_tiny(dataset, tmp_path, max_iters=11, checkpoint_every=100, resume="auto")
+    assert result.start_iteration == 10
+    assert loss_rows(result) == {11: loss_rows(reference)[11]}
+
+
 def test_resume_with_another_layout_when_allowed(dataset, reference_run, tmp_path, capsys):
     """E.g. 8 GPUs -> 4: on request the run continues at the same number of images seen, with the
     learning rate of the new global batch (here 1 x 2 at iteration 10 -> 1 x 1 at iteration 20)."""
