@@ -1,0 +1,136 @@
+"""Inference options: the one vocabulary of test-time knobs, validated once.
+
+:class:`InferenceOptions` is what ``Detector.predict``, ``predict``/``eval``/``serve`` on the command
+line, the HTTP server and the metadata of an exported ONNX file all mean by "score threshold",
+"NMS threshold", ... . MegEngine's config spells the same knobs ``test_cls_threshold``, ``test_nms``
+and ``test_max_boxes_per_image``; :meth:`InferenceOptions.from_config` is the one place that maps
+those names. No torch import here, so the CLI can validate flags before loading anything heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from atssdet.config import ATSSConfig
+
+
+class OptionError(ValueError):
+    """An inference option out of range; the message names the option and the value."""
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise OptionError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise OptionError(f"{name} must be a finite number in [0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Test-time post-processing of one request/job (MegEngine's defaults).
+
+    Attributes:
+        score_threshold: keep a candidate when its score is ``> score_threshold`` (strict, as MegEngine).
+        nms_threshold: suppress a box when its IoU with a better box of the same class is ``> nms_threshold``.
+        max_detections: at most this many detections per image (>= 1).
+        class_agnostic: one NMS over all classes instead of one per class.
+        classes: keep only these label ids (0..C-1); ``None`` keeps every class. Names are resolved
+            to ids with :func:`parse_classes` against the model's class names.
+        flip_tta: also run the horizontally flipped image and merge both before NMS.
+    """
+
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.6
+    max_detections: int = 100
+    class_agnostic: bool = False
+    classes: tuple[int, ...] | None = None
+    flip_tta: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "score_threshold", _check_fraction("score_threshold", self.score_threshold))
+        object.__setattr__(self, "nms_threshold", _check_fraction("nms_threshold", self.nms_threshold))
+        md = self.max_detections
+        if isinstance(md, bool) or not isinstance(md, int) or md < 1:
+            raise OptionError(f"max_detections must be an integer >= 1, got {md!r}")
+        for name in ("class_agnostic", "flip_tta"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.classes is not None:
+            ids = tuple(self.classes)
+            bad = [c for c in ids if isinstance(c, bool) or not isinstance(c, int) or c < 0]
+            if bad:
+                raise OptionError(
+                    f"classes must be label ids >= 0 (use parse_classes for names), got {bad[0]!r}"
+                )
+            object.__setattr__(self, "classes", ids)
+
+    @classmethod
+    def from_config(cls, cfg: ATSSConfig, **changes: Any) -> InferenceOptions:
+        """The config's test-time defaults (MegEngine names ``test_*``), then ``changes`` (None = keep)."""
+        base = cls(
+            score_threshold=cfg.test_cls_threshold,
+            nms_threshold=cfg.test_nms,
+            max_detections=cfg.test_max_boxes_per_image,
+        )
+        return base.replace(**changes)
+
+    def replace(self, **changes: Any) -> InferenceOptions:
+        """A copy with ``changes`` applied (entries whose value is None are ignored), validated again."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise OptionError(
+                f"unknown inference option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        given = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **given) if given else self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``classes`` as a list or None)."""
+        out = dataclasses.asdict(self)
+        out["classes"] = None if self.classes is None else list(self.classes)
+        return out
+
+
+def parse_classes(
+    classes: str | Iterable[int | str] | None, class_names: Sequence[str]
+) -> tuple[int, ...] | None:
+    """Label ids for class ids and/or names: ``"0, person"`` or ``["dog", 3]`` -> sorted unique ids.
+
+    A string is split at commas first. Each entry is a label id ``0..C-1`` (ASCII digits) or a name
+    of ``class_names`` (exact, else case-insensitive); anything else raises :class:`OptionError`
+    naming the entry. ``None``, a blank string or an empty list means every class (``None``).
+    """
+    if classes is None:
+        return None
+    items: Iterable[int | str] = classes.split(",") if isinstance(classes, str) else classes
+    by_lower = {n.lower(): i for i, n in reversed(list(enumerate(class_names)))}
+    ids: set[int] = set()
+    for raw in items:
+        if isinstance(raw, bool):
+            raise OptionError(f"class {raw!r}: not a class id or name")
+        if isinstance(raw, int):
+            i = raw
+        else:
+            text = str(raw).strip()
+            if not text:
+                continue
+            if text in class_names:
+                i = list(class_names).index(text)
+            elif text.lower() in by_lower:
+                i = by_lower[text.lower()]
+            elif text.isascii() and text.isdigit():
+                i = int(text)
+            else:
+                shown = ", ".join(class_names[:10]) + (" ..." if len(class_names) > 10 else "")
+                raise OptionError(f"class {text!r}: unknown class name (known: {shown})")
+        if not 0 <= i < len(class_names):
+            raise OptionError(f"class id {i} out of range 0..{len(class_names) - 1}")
+        ids.add(i)
+    return tuple(sorted(ids)) if ids else None
