@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup chromium demo predict-sample test check lint typecheck pytest bench clean
+.PHONY: setup chromium demo predict-sample test test-fast check lint typecheck pytest bench clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ predict-sample: setup
 test: setup chromium check
 
 check: lint typecheck pytest
+
+# Unit tests only (no training runs, subprocesses, exports or whole-model parity): under 2 minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 lint:
 	$(PY) -m ruff check .
