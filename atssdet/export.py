@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atssdet.batching import SIZE_DIVISIBILITY
 from atssdet.config import ATSSConfig
 from atssdet.export_graph import ExportGraph, RawInputGraph
 from atssdet.fileio import atomic_path
-from atssdet.modeling.atss import ATSS
+from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY
 from atssdet.options import InferenceOptions
 from atssdet.postprocess import Detections, select_detections
 

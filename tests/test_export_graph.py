@@ -27,6 +27,7 @@ def _inputs(n: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return images, image_hw, image_hw * 1.5
 
 
+@pytest.mark.slow  # tracing the res18 graph takes ~12 s on 2 cores
 def test_traced_export_graph_follows_the_input_size(r18_model):
     graph = ExportGraph(r18_model).eval()
     with torch.no_grad(), warnings.catch_warnings():

@@ -7,13 +7,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from atssdet.batching import SIZE_DIVISIBILITY
 from atssdet.config import ATSSConfig
 from atssdet.modeling.fpn import FPNBackbone
 from atssdet.modeling.head import PointHead
 from atssdet.modeling.resnet import ResNet
 from atssdet.ops.images import pad_to_multiple
 from atssdet.ops.points import grid_points
+
+SIZE_DIVISIBILITY = 32  # MegEngine pads every batch to a multiple of 32 (raw pixels, before normalising)
 
 
 class ATSSOutput(NamedTuple):
