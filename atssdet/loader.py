@@ -130,4 +130,6 @@ def _refuse_onnx_overrides(path: Path, overrides: dict[str, Any]) -> None:
         raise ValueError(f"{path}: numerics={numerics!r} needs the PyTorch model, not an ONNX file")
     others = sorted(k for k in overrides if k != "numerics")
     if others:
-        raise ValueError(f"{path}: {', '.join(others)}: an ONNX file's config is baked in at export")
+        raise ValueError(
+            f"{path}: overriding {', '.join(others)} does not apply to an ONNX file (its config is baked in at export)"
+        )
