@@ -297,4 +297,3 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     state = megengine_to_torch(load_megengine_pickle(src), model, source=str(src))
     model.load_state_dict(state, strict=True)
     return save_safetensors(model.state_dict(), dst, cfg=cfg)
-

@@ -96,7 +96,9 @@ class Detector:
         else:
             self.runner = model_or_runner
             if device is not None and torch.device(device) != self.runner.device:
-                raise ValueError(f"device={device!r}: the runner given builds its batches on {self.runner.device}")
+                raise ValueError(
+                    f"device={device!r}: the runner given builds its batches on {self.runner.device}"
+                )
         self.cfg: ATSSConfig = self.runner.cfg
         self.device: torch.device = self.runner.device
         self.short_size = int(short_size if short_size is not None else self.cfg.test_image_short_size)
@@ -122,7 +124,9 @@ class Detector:
         from atssdet.loader import load_runner
 
         overrides = None if numerics is None else {"numerics": numerics}
-        det = cls(load_runner(name, overrides=overrides, device=device), short_size=short_size, max_size=max_size)
+        det = cls(
+            load_runner(name, overrides=overrides, device=device), short_size=short_size, max_size=max_size
+        )
         det.weights = name
         return det
 
@@ -333,7 +337,9 @@ class Detector:
         flipped = images_to_batch([cv2.flip(it.resized, 1) for it in items], device=self.device)
         scores_f, boxes_f = self.runner.dense(flipped, image_hw, orig_hw)
         boxes_f = unflip_boxes(boxes_f, orig_hw[:, 1, None].to(boxes_f.device))
-        return select_with_options(torch.cat((scores, scores_f), dim=1), torch.cat((boxes, boxes_f), dim=1), options)
+        return select_with_options(
+            torch.cat((scores, scores_f), dim=1), torch.cat((boxes, boxes_f), dim=1), options
+        )
 
 
 def _check_array(image: np.ndarray, source: str) -> np.ndarray:

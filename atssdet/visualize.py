@@ -109,7 +109,9 @@ def draw(
         image = det.image
     if image is None:
         if det.source is None or not Path(det.source).is_file():
-            raise ValueError(f"{det.source or 'detections'}: no image to draw on; pass draw(det, image=BGR array)")
+            raise ValueError(
+                f"{det.source or 'detections'}: no image to draw on; pass draw(det, image=BGR array)"
+            )
         from atssdet.data.image_io import read_image
 
         image = read_image(det.source)

@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
 
                 model = Detector(load_runner(weights=weights, overrides=changes, device=device.type))
             else:
-                model = load(args.model, weights=weights, pretrained=weights is None, overrides=changes, device=device)
+                model = load(
+                    args.model, weights=weights, pretrained=weights is None, overrides=changes, device=device
+                )
             if main:
                 print(
                     f"== {label}: {weights or 'pretrained'} on {args.data} ({distributed.get_world_size()} process(es), {device})"
