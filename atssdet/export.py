@@ -1,4 +1,4 @@
-"""ONNX export of ATSS (decoding and optionally NMS inside the graph) and an ONNX Runtime runner.
+"""ONNX export of ATSS (decoding and optionally NMS inside the graph); run exports with :mod:`atssdet.runtime.ort_runner`.
 
 The exported graph takes the same inputs as the PyTorch pipeline::
 
@@ -22,12 +22,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,7 +33,6 @@ from atssdet.export_graph import ExportGraph, RawInputGraph
 from atssdet.fileio import atomic_path
 from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY
 from atssdet.options import InferenceOptions
-from atssdet.postprocess import Detections, select_detections
 
 INPUT_NAMES = ("images", "image_hw", "orig_hw")
 RAW_INPUT_NAME = "image"  # --raw-input graphs: one uint8 [H, W, 3] BGR image
@@ -267,176 +263,3 @@ def export_onnx(
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp_path))
     return path
-
-
-Spec = tuple[tuple[str, str, tuple[int | str, ...]], ...]
-
-
-@dataclass(frozen=True)
-class OnnxSignature:
-    """Inputs and outputs of a graph: (name, element type, shape with symbolic dims as names)."""
-
-    inputs: Spec
-    outputs: Spec
-
-    def __str__(self) -> str:
-        def fmt(rows: Spec) -> str:
-            return "\n".join(f"  {n}: {t}[{', '.join(str(d) for d in s)}]" for n, t, s in rows)
-
-        return f"inputs:\n{fmt(self.inputs)}\noutputs:\n{fmt(self.outputs)}"
-
-
-def onnx_signature(path: str | os.PathLike[str]) -> OnnxSignature:
-    """Read the input/output signature of an ONNX file (element types as ONNX names, e.g. FLOAT)."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
-
-    def rows(values: Sequence[Any]) -> Spec:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
-            out.append((v.name, onnx.TensorProto.DataType.Name(t.elem_type).lower(), dims))
-        return tuple(out)
-
-    return OnnxSignature(rows(proto.graph.input), rows(proto.graph.output))
-
-
-def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``atssdet.*`` metadata of an exported file, without the prefix."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
-    return {
-        p.key[len(METADATA_PREFIX) :]: p.value
-        for p in proto.metadata_props
-        if p.key.startswith(METADATA_PREFIX)
-    }
-
-
-def _to_numpy(x: Tensor | np.ndarray, name: str, dtype: type) -> np.ndarray:
-    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-    return np.ascontiguousarray(arr, dtype=dtype)
-
-
-class OnnxDetector:
-    """Run an exported ATSS ONNX file in ONNX Runtime, returning :class:`Detections` like PyTorch.
-
-    ``device`` "cpu" or "cuda" (``None``: CUDA provider if onnxruntime offers it, else CPU). The
-    config, class names and baked-in thresholds come from the file's metadata.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, device: str | None = None) -> None:
-        ort = _require("onnxruntime")
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        meta = read_onnx_metadata(self.path)
-        if "config" not in meta:
-            raise ValueError(f"{self.path}: not an atssdet ONNX export (no atssdet.config metadata)")
-        if meta.get("input_format") == "raw":
-            raise ValueError(
-                f"{self.path}: exported with --raw-input (one uint8 [H, W, 3] image in, resize inside); "
-                "run it with onnxruntime directly (docs/export.md), or export without --raw-input for "
-                "Detector / predict --weights"
-            )
-        self.metadata = meta
-        self.cfg = ATSSConfig.from_json(meta["config"])
-        self.class_names: tuple[str, ...] = tuple(json.loads(meta["class_names"]))
-        self.with_nms = meta["outputs"] == "nms"
-        self.score_threshold = float(meta["score_threshold"])
-        self.nms_threshold = float(meta["nms_threshold"])
-        self.max_detections = int(meta["max_detections"])
-        self.class_agnostic = bool(json.loads(meta["class_agnostic"]))
-        available = ort.get_available_providers()
-        if device is None:
-            device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in available:
-                raise ValueError(f"device 'cuda' requested but onnxruntime offers only {available}")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif device == "cpu":
-            providers = ["CPUExecutionProvider"]
-        else:
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        self.device = device
-        self.session = ort.InferenceSession(str(self.path), providers=providers)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def signature(self) -> OnnxSignature:
-        return onnx_signature(self.path)
-
-    def run(
-        self, images: Tensor | np.ndarray, image_hw: Tensor | np.ndarray, orig_hw: Tensor | np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Raw graph outputs by name (``scores``/``boxes`` or ``detections``/``num_detections``)."""
-        images_np = _to_numpy(images, "images", np.float32)
-        if images_np.ndim != 4 or images_np.shape[1] != 3:
-            raise ValueError(f"images must be [N, 3, H, W] BGR, got shape {tuple(images_np.shape)}")
-        n = images_np.shape[0]
-        feeds = {"images": images_np}
-        for name, value in (("image_hw", image_hw), ("orig_hw", orig_hw)):
-            arr = _to_numpy(value, name, np.float32)
-            if arr.shape != (n, 2):
-                raise ValueError(f"{name} must be [{n}, 2] (height, width per image), got {tuple(arr.shape)}")
-            feeds[name] = arr
-        outs = self.session.run(self.output_names, feeds)
-        return dict(zip(self.output_names, outs, strict=True))
-
-    def dense(
-        self, images: Tensor | np.ndarray, image_hw: Tensor | np.ndarray, orig_hw: Tensor | np.ndarray
-    ) -> tuple[Tensor, Tensor]:
-        """Dense ``scores [N, A, C]`` and ``boxes [N, A, 4]`` (files exported without NMS only)."""
-        if self.with_nms:
-            raise ValueError(f"{self.path}: exported with NMS; it has no dense scores/boxes outputs")
-        out = self.run(images, image_hw, orig_hw)
-        return torch.from_numpy(out["scores"]), torch.from_numpy(out["boxes"])
-
-    def predict_batch(
-        self,
-        images: Tensor | np.ndarray,
-        image_hw: Tensor | np.ndarray,
-        orig_hw: Tensor | np.ndarray,
-        *,
-        score_threshold: float | None = None,
-        nms_threshold: float | None = None,
-        max_detections: int | None = None,
-        class_agnostic: bool | None = None,
-        classes: Tensor | None = None,
-    ) -> list[Detections]:
-        """One :class:`Detections` (CPU tensors, labels int64) per image.
-
-        Arguments left ``None`` use the values stored at export. A file exported with NMS has them
-        baked in: asking for different ones (or ``classes``) raises ValueError; a dense file runs
-        :func:`select_detections` on the ONNX outputs and accepts anything.
-        """
-        if not self.with_nms:
-            scores, boxes = self.dense(images, image_hw, orig_hw)
-            return select_detections(
-                scores,
-                boxes,
-                score_threshold=self.score_threshold if score_threshold is None else score_threshold,
-                nms_threshold=self.nms_threshold if nms_threshold is None else nms_threshold,
-                max_detections=self.max_detections if max_detections is None else max_detections,
-                class_agnostic=self.class_agnostic if class_agnostic is None else class_agnostic,
-                classes=classes,
-            )
-        requested = {
-            "score_threshold": (score_threshold, self.score_threshold),
-            "nms_threshold": (nms_threshold, self.nms_threshold),
-            "max_detections": (max_detections, self.max_detections),
-            "class_agnostic": (class_agnostic, self.class_agnostic),
-        }
-        for name, (want, baked) in requested.items():
-            if want is not None and want != baked:
-                raise ValueError(
-                    f"{self.path}: {name}={want!r} differs from the value baked into this NMS export "
-                    f"({baked!r}); re-export, or export without --with-nms"
-                )
-        if classes is not None:
-            raise ValueError(f"{self.path}: class filtering needs an export without --with-nms")
-        out = self.run(images, image_hw, orig_hw)
-        dets = torch.from_numpy(out["detections"])
-        nums = out["num_detections"].tolist()
-        return [
-            Detections(d[:k, :4], d[:k, 4], d[:k, 5].to(torch.int64)) for d, k in zip(dets, nums, strict=True)
-        ]
