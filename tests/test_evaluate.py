@@ -26,7 +26,7 @@ from atssdet.evaluate import (
     per_class_ap,
     run_cocoeval,
 )
-from atssdet.postprocess import Detections
+from atssdet.structures import Detections
 from tests.coco_synth import (
     CAT_IDS,
     IMAGES,
