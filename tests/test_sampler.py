@@ -76,8 +76,8 @@ def test_bad_arguments() -> None:
 
 def test_dataloader_workers_reproducible(tmp_path) -> None:
     """COCODetection + GroupedBatchSampler + collate in 2 workers == in-process, batch for batch."""
-    from atssdet.data.coco import COCODetection
     from atssdet import distributed
+    from atssdet.data.coco import COCODetection
     from atssdet.data.loader import build_train_loader
     from atssdet.data.synth import generate_synthetic_dataset
     from atssdet.data.transforms import TrainTransform
