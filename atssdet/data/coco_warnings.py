@@ -47,7 +47,7 @@ def annotation_warnings(
 
 
 def _id_warnings(anns_raw: list[Any], log: ProblemLog) -> None:
-    ids = [a.get("id") if type(a) is dict else None for a in anns_raw]
+    ids: list[Any] = [a.get("id") if type(a) is dict else None for a in anns_raw]
     if set(map(type, ids)) <= {int} and len(set(ids)) == len(ids):
         return
     seen: set[int] = set()

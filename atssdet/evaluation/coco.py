@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -45,7 +45,7 @@ STAT_DEFINITIONS: dict[str, str] = {
 }
 
 # Ground truth: an annotation file, or a pycocotools COCO object (its .dataset is validated too).
-GroundTruth = str | os.PathLike[str] | COCO
+GroundTruth: TypeAlias = "str | os.PathLike[str] | COCO"
 
 
 def read_ground_truth(gt: GroundTruth | CocoFile) -> CocoFile:

@@ -157,7 +157,7 @@ def _pipeline(
         return _Pipeline(detect=lambda images, orig_hw: fn(images))
     # A Detector (e.g. an exported .onnx file) runs as it is; a module is moved and set to eval.
     core = None if isinstance(model, Detector) else _unwrap(model)
-    num_classes = model.cfg.num_classes if core is None else _config_of(core).num_classes
+    num_classes = _config_of(core).num_classes if core is not None else cast(Detector, model).cfg.num_classes
     if num_classes != num_categories:
         raise ValueError(
             f"{source}: has {num_categories} categories but the model predicts {num_classes} classes"
