@@ -12,6 +12,33 @@ REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference" / "megengine"
 R18 = "atss_res18_coco_3x_800size"
 
 
+_SCRATCH = {".git", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache", "__pycache__", "build", "dist"}
+
+
+def _checkout_files() -> set[str]:
+    """Every file of the checkout except VCS/venv/cache folders (what a test could leave behind)."""
+    found: set[str] = set()
+    for folder, dirs, files in os.walk(REPO_ROOT):
+        dirs[:] = [d for d in dirs if d not in _SCRATCH and not d.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(folder, f), REPO_ROOT) for f in files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_alone():
+    """Tests write only under their own temporary folders: fail the session if one wrote into the checkout."""
+    before = _checkout_files()
+    yield
+    added = sorted(_checkout_files() - before)
+    assert not added, f"tests wrote into the checkout (write under tmp_path instead): {added[:10]}"
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own temporary folder, so relative default outputs (runs/...) land there."""
+    monkeypatch.chdir(tmp_path)
+
+
 def require_reference() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.skip(f"MegEngine reference data not found at {REFERENCE_DIR}")
@@ -64,14 +91,15 @@ def r18_model_mge(r18_checkpoint: Path):
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None):
-    """Run ``python -m atssdet ARGS`` in a subprocess with this checkout importable."""
+    """Run ``python -m atssdet ARGS`` in a subprocess with this checkout importable (in the current
+    folder, the test's tmp_path unless ``cwd`` is given)."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
     if env:
         full_env.update(env)
     return subprocess.run(
         [sys.executable, "-m", "atssdet", *args],
-        cwd=cwd or REPO_ROOT,
+        cwd=cwd or Path.cwd(),
         env=full_env,
         capture_output=True,
         text=True,

@@ -86,7 +86,18 @@ def test_train_step_losses_default_numerics(train_step) -> None:
     # bbox 7e-8 and ctr 3e-7 measured. cls (and so total) measured 1.31e-5: MegEngine's GroupNorm sums
     # ~10^5 values per group sequentially in float32, which offsets its p3 scores by ~5e-6 relative; the
     # focal sum over all 3M point x class terms integrates that. numerics="megengine" removes it (above).
-    _check_losses(ref, losses, {"loss_bbox": 1e-5, "loss_ctr": 1e-5, "loss_cls": 2e-5, "total_loss": 2e-5})
+    # Bounds 3x+ above the measured values (float rounding differs between machines and thread counts).
+    _check_losses(ref, losses, {"loss_bbox": 1e-5, "loss_ctr": 1e-5, "loss_cls": 5e-5, "total_loss": 5e-5})
+
+
+def test_megengine_numerics_brings_loss_cls_closer(train_step, train_step_mge) -> None:
+    """The cls loss error is a GroupNorm-rounding effect: numerics="megengine" is >= 10x closer (measured 73x)."""
+    ref, _, default = train_step
+    _, _, mge = train_step_mge
+    ratio = _rel(default["loss_cls"], ref["loss_cls_nearest"]) / _rel(
+        mge["loss_cls"], ref["loss_cls_nearest"]
+    )
+    assert ratio >= 10, ratio
 
 
 HEAD_GRADIENTS = ("head.cls_score.weight", "head.bbox_pred.weight", "head.ctrness.weight", "head.scale_list")
@@ -95,8 +106,9 @@ HEAD_GRADIENTS = ("head.cls_score.weight", "head.bbox_pred.weight", "head.ctrnes
 def test_train_step_gradients(train_step_mge) -> None:
     ref, model, _ = train_step_mge
     # head: measured 5.2e-6, 5.3e-7, 3.7e-7, 9.1e-8. fpn_output5: measured 1.34e-4, all of it from one
-    # ReLU decision on a pre-activation of -3e-7 (next test).
-    _check_gradients(ref, model, {**dict.fromkeys(HEAD_GRADIENTS, 1e-4), "backbone.fpn_output5.weight": 2e-4})
+    # ReLU decision on a pre-activation of -3e-7 (next test), which another machine's rounding may decide
+    # the other way; bound 3.7x the measured gap.
+    _check_gradients(ref, model, {**dict.fromkeys(HEAD_GRADIENTS, 1e-4), "backbone.fpn_output5.weight": 5e-4})
 
 
 # Found by solving grad(fpn_output5.weight) error = conv-weight-gradient(prev5, d) for the error d in
@@ -108,18 +120,21 @@ TIE = (1, 35, 23, 3)  # image, channel, y, x of cls_subnet ReLU 0 input at level
 
 
 class _ReLUWithGate(torch.nn.Module):
-    """ReLU that reports its P5 input at TIE and can take the other branch there (level index 2)."""
+    """ReLU that reports its P5 input at TIE and there takes MegEngine's branch (open; level index 2).
 
-    def __init__(self, flip: bool) -> None:
+    The gate is set, not flipped: float32 rounding puts this pre-activation on either side of zero
+    depending on the machine's convolution kernels, and MegEngine's run had it positive.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
-        self.flip, self.calls, self.value = flip, 0, float("nan")
+        self.calls, self.value = 0, float("nan")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = (x > 0).to(x.dtype)
         if self.calls == 2:
             self.value = float(x[TIE].detach())
-            if self.flip:
-                gate[TIE] = 1 - gate[TIE]
+            gate[TIE] = 1.0
         self.calls += 1
         return x * gate
 
@@ -127,12 +142,13 @@ class _ReLUWithGate(torch.nn.Module):
 def test_fpn_output5_gradient_gap_is_one_relu_tie(reference_dir, r18_checkpoint) -> None:
     ref = dict(np.load(reference_dir / f"{R18}.seed0.train_step.npz"))
     model = _megengine_numerics_model(r18_checkpoint)
-    relu = _ReLUWithGate(flip=True)
+    relu = _ReLUWithGate()
     model.head.cls_subnet[2] = relu
     _run_train_step(ref, model)
     assert abs(relu.value) < 1e-6  # a tie at float32 resolution, decided by kernel rounding
-    # With that one gate as MegEngine had it, every listed gradient matches (measured max 6.8e-6).
-    _check_gradients(ref, model, dict.fromkeys([*HEAD_GRADIENTS, "backbone.fpn_output5.weight"], 1e-5))
+    # With that one gate as MegEngine had it, every listed gradient matches (measured max 6.8e-6; bound
+    # 3.7x that, still 4x under the 1e-4 parity target).
+    _check_gradients(ref, model, dict.fromkeys([*HEAD_GRADIENTS, "backbone.fpn_output5.weight"], 2.5e-5))
 
 
 def test_train_step_gradients_default_numerics(train_step) -> None:
@@ -144,7 +160,7 @@ def test_train_step_gradients_default_numerics(train_step) -> None:
         "head.scale_list": 1e-4,  # 3.6e-7
         # measured 2.8e-4 (2.0e-4 with NCHW activations): the GroupNorm offset plus ReLU ties like the
         # one above, which the float32 rounding of the (NHWC, CPU) convolutions decides either way.
-        "backbone.fpn_output5.weight": 5e-4,
+        "backbone.fpn_output5.weight": 1e-3,
     }
     _check_gradients(ref, model, tolerances)
 

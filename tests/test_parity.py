@@ -84,18 +84,30 @@ def test_final_detections_full_size(r18_model, r18_outputs, name):
 
 
 @torch.no_grad()
-def test_megengine_numerics_raw_outputs(r18_model_mge, r18_outputs):
-    """numerics="megengine": raw scores ~10x closer than with PyTorch's GroupNorm (1.4e-5 -> 1.4e-6)."""
-    model = CompatModel(r18_model_mge).eval()
-    for name, score_tol in (("small", 1e-6), ("cat", 3e-6)):  # measured 5.8e-7, 1.43e-6
-        scores, boxes = model(image=r18_outputs[f"{name}__data"], im_info=r18_outputs[f"{name}__im_info"])
-        assert np.abs(scores.numpy() - r18_outputs[f"{name}__scores"]).max() <= score_tol, name
-        assert np.abs(boxes.numpy() - r18_outputs[f"{name}__boxes"]).max() <= 1e-3, name
+def test_megengine_numerics_raw_outputs(r18_model, r18_model_mge, r18_outputs):
+    """numerics="megengine": raw scores ~10x closer to MegEngine's than PyTorch's GroupNorm gives on cat.
+
+    Measured max |score error|: small 5.8e-7 / 7.7e-7 on two runs here and 1.55e-6 on another machine
+    of the same kind (kernel and thread-count rounding), cat 1.2e-6 to 1.4e-6; default numerics on cat
+    1.39e-5. So: absolute 5e-6 (3x the worst seen), and on cat a ratio of at least 4 (measured 12).
+    """
+    errors = {}
+    for numerics, net in (("torch", r18_model), ("megengine", r18_model_mge)):
+        model = CompatModel(net).eval()
+        for name in ("small", "cat"):
+            with torch.no_grad():
+                scores, boxes = model(
+                    image=r18_outputs[f"{name}__data"], im_info=r18_outputs[f"{name}__im_info"]
+                )
+            errors[numerics, name] = float(np.abs(scores.numpy() - r18_outputs[f"{name}__scores"]).max())
+            assert np.abs(boxes.numpy() - r18_outputs[f"{name}__boxes"]).max() <= 1e-3, name
+    assert errors["megengine", "small"] <= 5e-6 and errors["megengine", "cat"] <= 5e-6, errors
+    assert errors["torch", "cat"] >= 4 * errors["megengine", "cat"], errors
 
 
 @pytest.mark.parametrize("name", ("small", *IMAGES))
 def test_megengine_numerics_detections_in_order(r18_model_mge, r18_outputs, name):
-    """numerics="megengine": MegEngine's detections row by row (no tie allowance), scores within 3e-6."""
+    """numerics="megengine": MegEngine's detections row by row (no tie allowance), scores within 5e-6."""
     dets = DetEvaluator(r18_model_mge).predict(
         image=r18_outputs[f"{name}__data"], im_info=r18_outputs[f"{name}__im_info"]
     )
@@ -103,7 +115,7 @@ def test_megengine_numerics_detections_in_order(r18_model_mge, r18_outputs, name
     assert dets.shape == ref.shape
     np.testing.assert_array_equal(dets[:, 5], ref[:, 5])
     assert np.abs(dets[:, :4] - ref[:, :4]).max() <= 1e-3  # measured 1.8e-4 px
-    assert np.abs(dets[:, 4] - ref[:, 4]).max() <= 3e-6  # measured 1.5e-6
+    assert np.abs(dets[:, 4] - ref[:, 4]).max() <= 5e-6  # measured 1.5e-6 (raw scores: up to 1.55e-6)
 
 
 def test_postprocess_reproduces_megengine_from_reference_raw_outputs(r18_outputs):

@@ -1,0 +1,56 @@
+"""Flags shared by several commands, and reading back the ones the user gave."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from atssdet.zoo import ZOO
+
+SubParsers = argparse._SubParsersAction
+
+
+def add_command(sub: SubParsers, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A sub-command whose omitted flags stay out of the namespace (the library's defaults apply)."""
+    return sub.add_parser(name, help=help, description=description, argument_default=argparse.SUPPRESS)
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """``{name: value}`` for the flags among ``names`` that were given on the command line."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def add_model_flags(
+    p: argparse.ArgumentParser,
+    *,
+    model_help: str,
+    weights_help: str,
+    nargs: str | None = None,
+    zoo_choices: bool = True,
+) -> None:
+    """``--model NAME`` (argparse checks it against the zoo unless ``zoo_choices=False``: then the
+    library does, with its own message) and ``--weights FILE``."""
+    choices = sorted(ZOO) if zoo_choices else None
+    p.add_argument("--model", choices=choices, default=None, help=model_help)
+    p.add_argument("--weights", nargs=nargs, metavar="FILE", default=None, help=weights_help)
+
+
+def add_device_flag(
+    p: argparse.ArgumentParser, help: str = "cpu, cuda, cuda:1 ... (default: cuda if available)"
+) -> None:
+    p.add_argument("--device", default=None, help=help)
+
+
+def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_progress_flag(p: argparse.ArgumentParser, help: str = "no progress bar") -> None:
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=help)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set KEY=VALUE`` flags as a dict of config overrides (parsed by :func:`atssdet.config.parse_set_option`)."""
+    from atssdet.config import parse_set_option
+
+    return dict(parse_set_option(item) for item in args.set)

@@ -1,0 +1,78 @@
+"""``atssdet export``: ONNX with decoding (and optionally NMS) inside the graph."""
+
+from __future__ import annotations
+
+import argparse
+
+from atssdet.cli.common import SubParsers, add_command, add_model_flags, given
+
+
+def add_parser(sub: SubParsers) -> None:
+    p = add_command(
+        sub,
+        "export",
+        help="export a model to ONNX (decoding, optionally NMS, inside the graph)",
+        description="Export an ATSS model to ONNX. Inputs: images [N,3,H,W] float raw BGR 0-255, image_hw "
+        "[N,2], orig_hw [N,2] (the graph pads to /32 and normalises). Outputs: scores [N,A,C] and boxes "
+        "[N,A,4] in original pixels, or with --with-nms detections [N,K,6] and num_detections [N].",
+    )
+    add_model_flags(
+        p,
+        model_help="zoo model (pretrained weights unless --weights)",
+        weights_help="checkpoint (.pkl/.pkl.gz/.safetensors/.pt); .safetensors carries its config",
+    )
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    p.add_argument("--out", required=True, help="output file, written atomically")
+    p.add_argument(
+        "--dynamic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="symbolic batch/height/width (default); --no-dynamic fixes batch 1 and --input-hw",
+    )
+    p.add_argument(
+        "--input-hw", type=int, nargs=2, default=None, metavar=("H", "W"), help="example/fixed input size"
+    )
+    p.add_argument("--with-nms", action="store_true", help="put threshold, NMS and top-k in the graph")
+    p.add_argument("--class-agnostic", action="store_true", help="NMS across classes (with --with-nms)")
+    p.add_argument("--score-threshold", type=float, help="default: the config's test_cls_threshold")
+    p.add_argument("--nms-threshold", type=float, help="default: the config's test_nms")
+    p.add_argument("--max-detections", type=int, help="default: the config's test_max_boxes_per_image")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--raw-input",
+        action="store_true",
+        help="input one uint8 image [H,W,3] BGR as read by cv2.imread; the graph resizes it (bit-exact "
+        "cv2.INTER_LINEAR) and returns boxes in its pixels (--input-hw: the example image size)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from atssdet.export import export_onnx, onnx_signature
+    from atssdet.zoo import load_model
+
+    if args.model is None and args.weights is None:
+        raise ValueError("give --model NAME and/or --weights FILE")
+    model = load_model(model_name=args.model, weights=args.weights)
+    # Exported on CPU: the graph does not depend on the device it was traced on.
+    example_hw = tuple(args.input_hw) if args.input_hw else ((213, 160) if args.dynamic else (800, 1333))
+    out = export_onnx(
+        model,
+        args.out,
+        dynamic=args.dynamic,
+        example_hw=example_hw,
+        model_name=args.model,
+        **given(
+            args,
+            "with_nms",
+            "opset",
+            "score_threshold",
+            "nms_threshold",
+            "max_detections",
+            "class_agnostic",
+            "raw_input",
+        ),
+    )
+    print(f"wrote {out}")
+    print(onnx_signature(out))
+    return 0

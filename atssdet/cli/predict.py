@@ -1,0 +1,154 @@
+"""``atssdet predict``: detect on images, videos, folders or globs; drawn outputs + JSON."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from atssdet.cli.common import (
+    SubParsers,
+    add_command,
+    add_device_flag,
+    add_model_flags,
+    add_progress_flag,
+    given,
+)
+
+_OPTIONS = (
+    "batch_size",
+    "score_threshold",
+    "nms_threshold",
+    "max_detections",
+    "class_agnostic",
+    "classes",
+    "flip_tta",
+)
+
+
+def add_parser(sub: SubParsers) -> None:
+    p = add_command(
+        sub,
+        "predict",
+        help="detect objects in images; write drawn images and a JSON",
+        description="Run a detector on image files, folders (their files, not recursive) or glob "
+        "patterns, in batches. Writes one drawn image per input and predictions.json (or, with --coco, "
+        "predictions_coco.json + images_coco.json) into --out. Unreadable files are reported and "
+        "skipped; the exit status is non-zero only when no image succeeded.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, video files (.mp4 .avi .mov .mkv ...: a drawn .mp4 and per-frame JSON lines), "
+        "folders or glob patterns",
+    )
+    add_model_flags(
+        p,
+        model_help="zoo model (official weights unless --weights)",
+        weights_help="checkpoint (.safetensors alone; .pkl/.pkl.gz/.pt need --model to say the architecture)",
+    )
+    p.add_argument(
+        "--out", default="runs/predict", metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, metavar="N", help="images per forward pass (default: 1 on CPU, 4 on GPU)"
+    )
+    p.add_argument(
+        "--score-threshold", type=float, metavar="T", help="keep detections scoring > T (config: 0.05)"
+    )
+    p.add_argument("--nms-threshold", type=float, metavar="T", help="NMS IoU threshold (config: 0.6)")
+    p.add_argument("--max-detections", type=int, metavar="K", help="detections per image (config: 100)")
+    p.add_argument("--class-agnostic", action="store_true", help="one NMS across all classes")
+    p.add_argument("--classes", nargs="+", metavar="C", help="keep only these classes (names or 0-based ids)")
+    p.add_argument(
+        "--flip-tta", action="store_true", help="add a horizontally flipped pass (merged before NMS)"
+    )
+    p.add_argument("--draw-threshold", type=float, metavar="T", help="draw boxes scoring >= T (config: 0.3)")
+    p.add_argument(
+        "--no-draw", dest="draw", action="store_false", help="write only the JSON, no drawn images"
+    )
+    p.add_argument(
+        "--coco",
+        action="store_true",
+        default=False,
+        help="write COCO results JSON (pycocotools loadRes format)",
+    )
+    p.add_argument(
+        "--coco-annotations",
+        metavar="FILE",
+        default=None,
+        help="COCO annotation file giving image ids by file name (with --coco)",
+    )
+    p.add_argument("--short-size", type=int, metavar="S", help="test resize short side (config: 800)")
+    p.add_argument("--max-size", type=int, metavar="S", help="test resize long-side cap (config: 1333)")
+    add_device_flag(p)
+    p.add_argument(
+        "--numerics",
+        choices=["torch", "megengine"],
+        help="megengine: round the head GroupNorm as MegEngine's CPU kernel (closest to MegEngine's "
+        "numbers, slower: 1.87x on CPU for R50); default torch",
+    )
+    add_progress_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from atssdet.predict import VIDEO_SUFFIXES, Detector, expand_inputs, predict_files
+
+    # Unreadable files are reported once, below, rather than also by the library's warnings.
+    logging.getLogger("atssdet.predict").setLevel(logging.ERROR)
+    loading = given(args, "device", "short_size", "max_size", "numerics")
+    if args.weights is not None:
+        detector = Detector.from_checkpoint(args.weights, model=args.model, **loading)
+    elif args.model is not None:
+        detector = Detector.from_pretrained(args.model, **loading)
+    else:
+        raise ValueError("give --model NAME (official weights) or --weights FILE")
+    if args.coco_annotations is not None and not args.coco:
+        raise ValueError("--coco-annotations only makes sense with --coco")
+    files, unexpanded = expand_inputs(args.paths)
+    videos = [f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
+    if videos and args.coco:
+        raise ValueError(f"--coco is for images; {videos[0]} is a video (videos write JSON lines per frame)")
+    options: dict[str, Any] = {
+        "detector": detector,
+        "out_dir": args.out,
+        **given(args, *_OPTIONS, "draw", "draw_threshold", "progress"),
+    }
+    done = _predict_videos(videos, options)
+    if videos:
+        for _, reason in unexpanded:
+            print(f"atssdet predict: skipped {reason}", file=sys.stderr)
+        images = [f for f in files if f not in set(videos)]
+        if not images:
+            return 0 if done else 1
+    report = predict_files(
+        images if videos else args.paths, coco=args.coco, coco_annotations=args.coco_annotations, **options
+    )
+    print(report.table())
+    for _, reason in report.failed:  # each reason starts with the file name
+        print(f"atssdet predict: skipped {reason}", file=sys.stderr)
+    return 0 if report.num_ok + done > 0 else 1
+
+
+def _predict_videos(videos: list[str], options: dict[str, Any]) -> int:
+    """:func:`atssdet.predict.predict_video` on each video (``options``: its keyword arguments); bad
+    videos are reported and skipped. Returns how many worked."""
+    from atssdet.predict import predict_video
+
+    done = 0
+    for video in videos:
+        try:
+            result = predict_video(video, **options)
+        except ValueError as exc:
+            print(f"atssdet predict: skipped {exc}", file=sys.stderr)
+            continue
+        done += 1
+        wrote = ", ".join(str(p) for p in (result.video_path, result.jsonl_path) if p is not None)
+        print(
+            f"{video}: {result.frames} frames at {result.fps:g} fps in {result.seconds:.1f} s; wrote {wrote}"
+        )
+    return done

@@ -1,0 +1,30 @@
+"""``atssdet table``: several metrics/results files side by side (the seed's ``test_in_table``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from atssdet.cli.common import SubParsers, add_command, given
+
+
+def add_parser(sub: SubParsers) -> None:
+    p = add_command(
+        sub,
+        "table",
+        help="compare metrics/results files in a markdown table",
+        description="Print the 12 COCO statistics (percent) of several files side by side, one row per "
+        "file: atssdet metrics JSON files (written by `eval`), or COCO results JSON files with --data.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="*.metrics.json (or results JSON with --data)")
+    p.add_argument("--data", default=None, help="COCO annotation JSON, to score results files")
+    p.add_argument("--digits", type=int, help="decimals of the percentages (default 1)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from atssdet.evaluate import checkpoint_label, format_stats_table, load_coco, load_metrics
+
+    gt = load_coco(args.data) if args.data else None
+    rows = [(checkpoint_label(f), load_metrics(f, gt=gt)) for f in args.files]
+    print(format_stats_table(rows, **given(args, "digits")))
+    return 0
