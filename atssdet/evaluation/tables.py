@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from atssdet.data.coco_records import CocoFile
-from atssdet.evaluation.coco import STAT_DEFINITIONS, STAT_NAMES, GroundTruth, coco_stats, read_json
+from atssdet.evaluation.coco import (
+    STAT_DEFINITIONS,
+    STAT_NAMES,
+    GroundTruth,
+    coco_stats,
+    read_ground_truth,
+    read_json,
+)
 
 
 def expand_checkpoints(
@@ -85,6 +92,16 @@ def load_metrics(
             raise ValueError(f"{p}: is a COCO results file; pass the annotation file (--data) to score it")
         return coco_stats(gt, data)
     raise ValueError(f"{p}: neither an atssdet metrics file nor a COCO results list")
+
+
+def compare_files(
+    paths: Sequence[str | os.PathLike[str]], *, gt: GroundTruth | None = None, digits: int = 1
+) -> str:
+    """:func:`format_stats_table` of metrics files, or of results files scored against ``gt``, one row each."""
+    truth = read_ground_truth(gt) if gt is not None else None  # validated once, before any file is read
+    return format_stats_table(
+        [(checkpoint_label(p), load_metrics(p, gt=truth)) for p in paths], digits=digits
+    )
 
 
 def format_stats_table(rows: Sequence[tuple[str, dict[str, float]]], *, digits: int = 1) -> str:
