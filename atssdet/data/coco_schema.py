@@ -42,6 +42,7 @@ from atssdet.data.coco_records import (
     Severity,
     field_problem,
     finite,
+    gc_paused,
     is_id,
     is_int,
     short,
@@ -136,7 +137,8 @@ def _load_json(path: Path, log: ProblemLog) -> dict[str, Any] | None:
         unreadable(f"cannot read annotation file: {exc.strerror or exc}")
         return None
     try:
-        raw = json.loads(text)  # from bytes: UTF-8 with or without a BOM (and UTF-16/32, detected)
+        with gc_paused():
+            raw = json.loads(text)  # from bytes: UTF-8 with or without a BOM (and UTF-16/32, detected)
     except RecursionError:
         unreadable("JSON nested deeper than the parser allows (about 1000 levels)")
         return None

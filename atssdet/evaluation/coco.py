@@ -20,7 +20,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from atssdet.data.coco_records import CocoFile
+from atssdet.data.coco_records import CocoFile, gc_paused
 from atssdet.data.coco_schema import load_coco_file, validate_coco
 from atssdet.postprocess import Detections
 
@@ -66,6 +66,11 @@ def to_pycocotools(data: CocoFile) -> COCO:
     never reads gt ids, and the file's own may repeat or be missing), a missing ``area`` becomes
     ``w * h`` and a missing ``iscrowd`` 0, as COCOeval needs both.
     """
+    with gc_paused():  # ~10 small objects per annotation, none in a reference cycle
+        return _build_pycocotools(data)
+
+
+def _build_pycocotools(data: CocoFile) -> COCO:
     table = data.annotations
     areas = np.where(np.isnan(table.areas), table.boxes_xywh[:, 2] * table.boxes_xywh[:, 3], table.areas)
     columns = zip(
