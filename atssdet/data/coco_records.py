@@ -1,6 +1,7 @@
 """The plain records a validated COCO file is made of, and the problem log the validation writes.
 
 :mod:`atssdet.data.coco_schema` fills them; the reader, ``data check`` and ``eval`` read them.
+:func:`box_status` is the one rule deciding which boxes are training targets.
 """
 
 from __future__ import annotations
@@ -41,6 +42,32 @@ class ImageRecord:
     file_name: str  # relative to the image folder
     height: int
     width: int
+
+
+def box_status(
+    boxes_xywh: np.ndarray, crowd: np.ndarray, image_ids: np.ndarray, images: dict[int, ImageRecord]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes float32 [K, 4] xyxy, :class:`BoxStatus` int8 [K]) of JSON boxes float64 [K, 4] xywh.
+
+    ``crowd`` bool [K]; ``image_ids`` int64 [K], each a key of ``images`` (whose sizes bound the boxes).
+    """
+    boxes = boxes_xywh.astype(np.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    keys = np.fromiter(images, np.int64, len(images))
+    order = np.argsort(keys)
+    hw = np.array([(r.height, r.width) for r in images.values()], dtype=np.float32).reshape(-1, 2)
+    at = order[np.searchsorted(keys[order], image_ids)] if len(image_ids) else np.zeros(0, np.int64)
+    height, width = hw[at, 0], hw[at, 1]
+    x1, y1, x2, y2 = boxes.T
+    degenerate = (boxes_xywh[:, 2] <= 0) | (boxes_xywh[:, 3] <= 0) | (x2 <= x1) | (y2 <= y1)
+    overlaps = (np.minimum(x2, width) > np.maximum(x1, 0)) & (np.minimum(y2, height) > np.maximum(y1, 0))
+    inside = (x1 >= 0) & (y1 >= 0) & (x2 <= width) & (y2 <= height)
+    status = np.select(
+        [crowd, degenerate, ~overlaps, ~inside],
+        [BoxStatus.CROWD, BoxStatus.DEGENERATE, BoxStatus.OUTSIDE, BoxStatus.PARTLY_OUTSIDE],
+        BoxStatus.INSIDE,
+    ).astype(np.int8)
+    return boxes, status
 
 
 @dataclass

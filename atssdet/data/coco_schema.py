@@ -18,7 +18,7 @@ Booleans are never numbers or ids (JSON ``true`` is not ``1``). Nothing raises o
 reader and ``eval`` refuse it through :meth:`CocoFile.raise_if_fatal`, naming the file and the first
 such entry; ``data check`` lists them all). ``warning``: it loads, but something is probably wrong.
 
-The box rule is decided here once (:class:`BoxStatus`): MegEngine's filter (``iscrowd == 0``,
+The box rule is decided once (:func:`~atssdet.data.coco_records.box_status`): MegEngine's filter (``iscrowd == 0``,
 ``w > 0``, ``h > 0`` on the JSON values), then xywh -> xyxy in float32; a box still empty in float32
 (e.g. ``w = 1e-30``) or without overlap with its image is degenerate too (it can never be assigned
 a point).
@@ -35,11 +35,11 @@ import numpy as np
 
 from atssdet.data.coco_records import (
     AnnotationTable,
-    BoxStatus,
     CocoFile,
     ImageRecord,
     ProblemLog,
     Severity,
+    box_status,
     field_problem,
     finite,
     gc_paused,
@@ -294,7 +294,7 @@ def _annotations(
         ]
         columns = _columns_from_rows([r for r in rows if r is not None])
     index, image_ids, cat_ids, boxes_xywh, crowd, areas = columns
-    boxes_xyxy, status = _box_status(boxes_xywh, crowd, image_ids, images)
+    boxes_xyxy, status = box_status(boxes_xywh, crowd, image_ids, images)
     return AnnotationTable(index, image_ids, cat_ids, boxes_xywh, boxes_xyxy, crowd, areas, status)
 
 
@@ -422,26 +422,3 @@ def _annotation_row(
     area = ann.get("area")
     crowd = ann.get("iscrowd") == 1
     return i, image_id, cat_id, [float(v) for v in bbox], crowd, np.nan if area is None else float(area)
-
-
-def _box_status(
-    boxes_xywh: np.ndarray, crowd: np.ndarray, image_ids: np.ndarray, images: dict[int, ImageRecord]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(boxes float32 [K, 4] xyxy, BoxStatus int8 [K]) of JSON boxes float64 [K, 4] xywh."""
-    boxes = boxes_xywh.astype(np.float32)
-    boxes[:, 2:] += boxes[:, :2]
-    keys = np.fromiter(images, np.int64, len(images))
-    order = np.argsort(keys)
-    hw = np.array([(r.height, r.width) for r in images.values()], dtype=np.float32).reshape(-1, 2)
-    at = order[np.searchsorted(keys[order], image_ids)] if len(image_ids) else np.zeros(0, np.int64)
-    height, width = hw[at, 0], hw[at, 1]
-    x1, y1, x2, y2 = boxes.T
-    degenerate = (boxes_xywh[:, 2] <= 0) | (boxes_xywh[:, 3] <= 0) | (x2 <= x1) | (y2 <= y1)
-    overlaps = (np.minimum(x2, width) > np.maximum(x1, 0)) & (np.minimum(y2, height) > np.maximum(y1, 0))
-    inside = (x1 >= 0) & (y1 >= 0) & (x2 <= width) & (y2 <= height)
-    status = np.select(
-        [crowd, degenerate, ~overlaps, ~inside],
-        [BoxStatus.CROWD, BoxStatus.DEGENERATE, BoxStatus.OUTSIDE, BoxStatus.PARTLY_OUTSIDE],
-        BoxStatus.INSIDE,
-    ).astype(np.int8)
-    return boxes, status
