@@ -18,10 +18,10 @@ Booleans are never numbers or ids (JSON ``true`` is not ``1``). Nothing raises o
 reader and ``eval`` refuse it through :meth:`CocoFile.raise_if_fatal`, naming the file and the first
 such entry; ``data check`` lists them all). ``warning``: it loads, but something is probably wrong.
 
-The box rule is decided once (:func:`~atssdet.data.coco_records.box_status`): MegEngine's filter (``iscrowd == 0``,
-``w > 0``, ``h > 0`` on the JSON values), then xywh -> xyxy in float32; a box still empty in float32
-(e.g. ``w = 1e-30``) or without overlap with its image is degenerate too (it can never be assigned
-a point).
+Which boxes are training targets is decided once, by :func:`~atssdet.data.coco_records.box_status`:
+MegEngine's filter (``iscrowd == 0``, ``w > 0``, ``h > 0`` on the JSON values), then xywh -> xyxy in
+float32; a box still empty in float32 (e.g. ``w = 1e-30``) or without overlap with its image is
+degenerate too (it can never be assigned a point).
 """
 
 from __future__ import annotations
