@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from atssdet.data.check import CheckReport, check_dataset
 from atssdet.data.coco import COCODetection, DatasetError
@@ -167,6 +168,15 @@ def mutated_documents(draw: st.DrawFn) -> Any:
             else:
                 entry[key] = draw(awkward)
     return doc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hypothesis_home(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Hypothesis caches the constants of each module source it sees under ``.hypothesis/`` (a new file
+    whenever a source changes): keep that out of the checkout, which tests must leave alone."""
+    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+    yield
+    set_hypothesis_home_dir(None)
 
 
 @pytest.fixture(scope="module")
