@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from atssdet.data.coco import COCODetection, DatasetError, find_coco_split
+from atssdet.data.coco import COCODetection, find_coco_split
+from atssdet.data.coco_records import DatasetError
 from atssdet.data.transforms import get_hw_by_short_size, resize_image_and_boxes
 
 

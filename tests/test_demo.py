@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from atssdet.evaluate import STAT_NAMES
 
 from atssdet.config import BACKBONE_CHANNELS, DEMO_PRESETS, SHAPE_CLASSES
 from atssdet.demo import (
@@ -21,7 +22,6 @@ from atssdet.demo import (
     make_grid,
     run_demo,
 )
-from atssdet.evaluate import STAT_NAMES
 from atssdet.modeling.resnet import ResNet
 from tests.conftest import run_cli
 

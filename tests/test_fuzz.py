@@ -22,9 +22,15 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from atssdet.data.check import CheckReport, check_dataset
-from atssdet.data.coco import COCODetection, DatasetError
+from atssdet.data.coco import COCODetection
+from atssdet.data.coco_records import DatasetError
 from atssdet.data.image_io import ImageReadError, decode_image
 from atssdet.evaluation.coco import load_ground_truth
+
+# Hypothesis caches the constants of every module source it sees under .hypothesis/ (a new file each
+# time a source changes, written while the tests are collected): keep that out of the checkout.
+_HYPOTHESIS_HOME = tempfile.TemporaryDirectory(prefix="hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME.name)
 
 
 # Bounded and reproducible: a fixed example sequence (derandomize), no per-example deadline (the
@@ -168,15 +174,6 @@ def mutated_documents(draw: st.DrawFn) -> Any:
             else:
                 entry[key] = draw(awkward)
     return doc
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _hypothesis_home(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Hypothesis caches the constants of each module source it sees under ``.hypothesis/`` (a new file
-    whenever a source changes): keep that out of the checkout, which tests must leave alone."""
-    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
-    yield
-    set_hypothesis_home_dir(None)
 
 
 @pytest.fixture(scope="module")
