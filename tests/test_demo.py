@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from atssdet.evaluate import STAT_NAMES
 
 from atssdet.config import BACKBONE_CHANNELS, DEMO_PRESETS, SHAPE_CLASSES
 from atssdet.demo import (
@@ -22,6 +21,7 @@ from atssdet.demo import (
     make_grid,
     run_demo,
 )
+from atssdet.evaluation.coco import STAT_NAMES
 from atssdet.modeling.resnet import ResNet
 from tests.conftest import run_cli
 
