@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup chromium demo predict-sample test check lint typecheck pytest bench clean
+.PHONY: setup chromium demo predict-sample test test-fast readme-examples check lint typecheck pytest bench clean
 
 setup: $(VENV)/.installed
 
@@ -41,15 +41,23 @@ test: setup chromium check
 
 check: lint typecheck pytest
 
+# Unit tests only (no training runs, subprocesses, exports or whole-model parity): under 2 minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
 lint:
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check atssdet tests benchmarks hubconf.py
+	$(PY) -m ruff format --check atssdet tests benchmarks tools hubconf.py
 
 typecheck:
 	$(PY) -m mypy
 
 pytest:
 	$(PY) -m pytest -q
+
+# The README's example block, run twice in a row in a fresh clone (tools/readme_examples.py).
+readme-examples: setup
+	$(PY) tools/readme_examples.py --runs 2
 
 bench: setup
 	$(PY) benchmarks/bench_inference.py

@@ -1,7 +1,8 @@
 """Model and training configuration.
 
 Field names follow MegEngine's ``ATSSConfig`` (models/atss.py in MegEngine/Models) so that a user
-of the seed recognises every knob. Configs are frozen dataclasses; derive variants with
+of the seed recognises every knob; MegEngine fields that nothing here reads are left out
+(:data:`REMOVED_FIELDS`). Configs are frozen dataclasses; derive variants with
 :func:`dataclasses.replace` or :func:`with_overrides`.
 """
 
@@ -48,15 +49,11 @@ class ATSSConfig:
     """Everything that defines an ATSS model and its training recipe (MegEngine field names)."""
 
     backbone: str = "resnet50"
-    backbone_pretrained: bool = False
     backbone_norm: str = "FrozenBN"  # "FrozenBN" | "BN" | "SyncBN" | "GN"
     backbone_freeze_at: int = 2  # 0: nothing frozen, 1: stem, 2: stem + layer1, ...
 
-    fpn_in_features: tuple[str, ...] = ("res3", "res4", "res5")
-    fpn_in_strides: tuple[int, ...] = (8, 16, 32)
     fpn_in_channels: tuple[int, ...] = (512, 1024, 2048)
     fpn_out_channels: int = 256
-    fpn_top_in_feature: str = "p5"
     fpn_top_in_channel: int = 256
 
     num_classes: int = 80
@@ -64,7 +61,6 @@ class ATSSConfig:
     img_mean: tuple[float, float, float] = (103.530, 116.280, 123.675)  # BGR
     img_std: tuple[float, float, float] = (57.375, 57.120, 58.395)  # BGR
     stride: tuple[int, ...] = (8, 16, 32, 64, 128)
-    in_features: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
     head_num_convs: int = 4
     head_norm_groups: int = 32
     # "torch": the fast PyTorch path (at inference: one-pass FrozenBN, NHWC activations on CPU).
@@ -74,11 +70,9 @@ class ATSSConfig:
     # closer to MegEngine's numbers. See docs/training-losses.md ("Numerics").
     numerics: str = "torch"
 
-    num_anchors: int = 1
     anchor_offset: float = 0.5
     anchor_scale: int = 8
     anchor_topk: int = 9
-    class_aware_box: bool = False
     cls_prior_prob: float = 0.01
 
     focal_loss_alpha: float = 0.25
@@ -114,8 +108,8 @@ class ATSSConfig:
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
             )
-        if len(self.stride) != len(self.in_features):
-            raise ValueError("stride and in_features must have the same length")
+        if len(self.stride) != 5:  # the FPN always has the five levels P3..P7
+            raise ValueError(f"stride needs one value per FPN level P3..P7 (5), got {self.stride!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}; got {self.numerics!r}")
 
@@ -124,8 +118,12 @@ class ATSSConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ATSSConfig:
+        """Read a config saved by :meth:`to_json` (checkpoint or export metadata), also by an older atssdet:
+        fields in :data:`REMOVED_FIELDS` are dropped; any other unknown name raises ValueError."""
         raw = json.loads(text)
-        return cls.from_dict(raw)
+        if not isinstance(raw, dict):
+            raise ValueError(f"a saved ATSSConfig is a JSON object, got {type(raw).__name__}")
+        return cls.from_dict({k: v for k, v in raw.items() if k not in REMOVED_FIELDS})
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ATSSConfig:
@@ -137,6 +135,46 @@ class ATSSConfig:
         for key, value in raw.items():
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
+
+
+# MegEngine ATSSConfig fields that nothing in atssdet read, removed so that ``--set`` of one is refused.
+# Files written by older atssdet versions (training checkpoints, .safetensors and .onnx metadata) still
+# carry them: :meth:`ATSSConfig.from_json` drops them so those files keep loading.
+REMOVED_FIELDS: frozenset[str] = frozenset(
+    {
+        "backbone_pretrained",
+        "fpn_in_features",
+        "fpn_in_strides",
+        "fpn_top_in_feature",
+        "in_features",
+        "num_anchors",
+        "class_aware_box",
+    }
+)
+
+# Fields that change neither the trained model, the data pipeline nor the recipe: logging, test-time
+# settings and the arithmetic mode. A resumed run may change them (see :func:`training_differences`).
+RUN_SETTING_FIELDS: frozenset[str] = frozenset(
+    {
+        "log_interval",
+        "numerics",
+        "test_image_short_size",
+        "test_image_max_size",
+        "test_max_boxes_per_image",
+        "test_vis_threshold",
+        "test_cls_threshold",
+        "test_nms",
+        "extra",
+    }
+)
+
+
+def training_differences(saved: ATSSConfig, now: ATSSConfig) -> list[str]:
+    """``"field: checkpoint A, now B"`` for every field outside :data:`RUN_SETTING_FIELDS` that differs."""
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(now)
+    return [
+        f"{k}: checkpoint {a[k]!r}, now {b[k]!r}" for k in a if k not in RUN_SETTING_FIELDS and a[k] != b[k]
+    ]
 
 
 def with_overrides(cfg: ATSSConfig, overrides: dict[str, Any]) -> ATSSConfig:

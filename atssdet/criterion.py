@@ -1,4 +1,4 @@
-"""ATSS training losses: :func:`atss_loss` on raw predictions, and the seed's training call.
+"""ATSS training losses: :func:`atss_loss` on raw predictions (the seed's call is :mod:`atssdet.compat`).
 
 ``losses = atss_loss(model(images), targets, cfg)`` with MegEngine's normalisers (``models/atss.py``):
 
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from atssdet.assign import atss_assign
 from atssdet.config import ATSSConfig
-from atssdet.modeling.atss import ATSS, ATSSOutput
+from atssdet.modeling.atss import ATSSOutput
 from atssdet.ops.losses import bce_with_logits_sum, giou_loss_ltrb, sigmoid_focal_loss_sum
 
+# The losses atss_loss returns, in the order training logs and checkpoints them.
 LOSS_KEYS = ("total_loss", "loss_cls", "loss_bbox", "loss_ctr")
 
 
@@ -153,40 +153,3 @@ def atss_loss(
         "loss_ctr": loss_ctr,
         "num_fg": num_fg.detach(),
     }
-
-
-def seed_training_losses(
-    model: ATSS, image: Tensor | np.ndarray, im_info: Tensor | np.ndarray, gt_boxes: Tensor | np.ndarray
-) -> dict[str, Tensor]:
-    """The seed's ``model(image=, im_info=, gt_boxes=)`` in train mode, computed by :func:`atss_loss`.
-
-    Args:
-        image: ``[B, 3, H, W]`` raw BGR pixels 0-255 (padded to the batch maximum; the model pads to /32).
-        im_info: ``[B, 5]`` rows ``(h, w, orig_h, orig_w, num_gts)``.
-        gt_boxes: ``[B, M, 5]`` rows ``(x1, y1, x2, y2, class)`` with class 1..C; rows past ``num_gts`` ignored.
-
-    Returns:
-        ``{"total_loss", "loss_cls", "loss_bbox", "loss_ctr"}`` as in MegEngine's ``ATSS.forward``.
-    """
-    device = next(model.parameters()).device
-    image_t = (
-        torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image).to(device).float()
-    )
-    info = torch.as_tensor(np.asarray(im_info) if not isinstance(im_info, Tensor) else im_info).to(device)
-    gts = torch.as_tensor(np.asarray(gt_boxes) if not isinstance(gt_boxes, Tensor) else gt_boxes).to(device)
-    if image_t.dim() != 4 or image_t.shape[1] != 3:
-        raise ValueError(f"image must be [B, 3, H, W], got {tuple(image_t.shape)}")
-    batch = image_t.shape[0]
-    if info.dim() != 2 or info.shape[0] != batch or info.shape[1] < 5:
-        raise ValueError(f"im_info must be [B, 5] (h, w, orig_h, orig_w, num_gts), got {tuple(info.shape)}")
-    if gts.dim() != 3 or gts.shape[0] != batch or gts.shape[2] != 5:
-        raise ValueError(f"gt_boxes must be [B, M, 5] (x1, y1, x2, y2, class 1..C), got {tuple(gts.shape)}")
-    targets = []
-    for i in range(batch):
-        num_gts = int(info[i, 4])
-        if not 0 <= num_gts <= gts.shape[1]:
-            raise ValueError(f"im_info[{i}, 4] = {num_gts} gt boxes, but gt_boxes has {gts.shape[1]} rows")
-        rows = gts[i, :num_gts]
-        targets.append({"boxes": rows[:, :4].float(), "labels": rows[:, 4].round().long() - 1})
-    losses = atss_loss(model(image_t), targets, model.cfg)
-    return {key: losses[key] for key in LOSS_KEYS}

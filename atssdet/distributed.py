@@ -123,7 +123,8 @@ def info() -> DistInfo:
     )
 
 
-def _fail(what: str, exc: BaseException) -> DistributedError:
+def collective_error(what: str, exc: BaseException) -> DistributedError:
+    """The error to raise when collective ``what`` failed with ``exc`` (names this rank, the timeout)."""
     return DistributedError(
         f"rank {get_rank()} of {get_world_size()}: {what} failed; another rank probably exited or is "
         f"stuck (collective timeout {_timeout_s:g} s): {type(exc).__name__}: {exc}"
@@ -138,7 +139,7 @@ def all_gather_object(obj: T) -> list[T]:
     try:
         dist.all_gather_object(out, obj)
     except (RuntimeError, dist.DistError) as exc:
-        raise _fail("all_gather_object", exc) from exc
+        raise collective_error("all_gather_object", exc) from exc
     return out
 
 
@@ -150,8 +151,19 @@ def broadcast_object(obj: T, *, src: int = 0) -> T:
     try:
         dist.broadcast_object_list(box, src=src)
     except (RuntimeError, dist.DistError) as exc:
-        raise _fail("broadcast_object", exc) from exc
+        raise collective_error("broadcast_object", exc) from exc
     return box[0]
+
+
+def all_reduce_sum(values: torch.Tensor, *, what: str = "all_reduce") -> torch.Tensor:
+    """``values`` summed over ranks, in place (returned as is when not distributed); ``what`` names it in errors."""
+    if not is_distributed():
+        return values
+    try:
+        dist.all_reduce(values)
+    except (RuntimeError, dist.DistError) as exc:
+        raise collective_error(what, exc) from exc
+    return values
 
 
 def barrier() -> None:
@@ -160,7 +172,7 @@ def barrier() -> None:
     try:
         dist.barrier()
     except (RuntimeError, dist.DistError) as exc:
-        raise _fail("barrier", exc) from exc
+        raise collective_error("barrier", exc) from exc
 
 
 def cleanup() -> None:

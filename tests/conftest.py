@@ -12,6 +12,23 @@ REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference" / "megengine"
 R18 = "atss_res18_coco_3x_800size"
 
 
+# End-to-end modules (training runs, subprocesses, torchrun, exports, browser, whole-model parity):
+# marked `slow`, so `make test-fast` (pytest -m "not slow") runs the unit tests alone.
+SLOW_MODULES = frozenset(
+    {
+        "test_benchmarks_start", "test_criterion", "test_demo", "test_distributed_eval", "test_export",
+        "test_fuzz", "test_parity", "test_serve", "test_serve_browser", "test_train", "test_train_crash",
+        "test_train_distributed",
+    }
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 _SCRATCH = {".git", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache", "__pycache__", "build", "dist"}
 
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from atssdet import criterion
 from atssdet.assign import atss_assign
-from atssdet.compat import CompatModel
+from atssdet.compat import CompatModel, seed_training_losses
 from atssdet.config import ATSSConfig
-from atssdet.criterion import atss_loss, seed_training_losses
+from atssdet.criterion import atss_loss
 from atssdet.modeling.atss import ATSSOutput
 from atssdet.ops.points import grid_points
 from atssdet.zoo import load

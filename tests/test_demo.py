@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from atssdet.config import BACKBONE_CHANNELS, DEMO_PRESETS, SHAPE_CLASSES
-from atssdet.demo import (
-    CHECKPOINT_NAME,
-    QUICK_PLAN,
-    DemoPlan,
-    checkpoint_matches,
-    demo_config,
-    draw_enlarged,
-    make_grid,
-    run_demo,
-)
+from atssdet.demo import CHECKPOINT_NAME, QUICK_PLAN, DemoPlan, checkpoint_matches, demo_config, run_demo
+from atssdet.demo_plots import draw_enlarged, make_grid
 from atssdet.evaluation.coco import STAT_NAMES
 from atssdet.modeling.resnet import ResNet
 from tests.conftest import run_cli
@@ -135,7 +127,7 @@ def test_cosine_schedule_and_adamw_for_the_demo_preset() -> None:
     import math
 
     from atssdet.config import PRESETS, with_overrides
-    from atssdet.train import build_optimizer, learning_rate, total_iterations
+    from atssdet.training.schedule import build_optimizer, learning_rate, total_iterations
 
     cfg = DEMO_PRESETS["atss_demo_cpu"]
     assert (cfg.optimizer, cfg.lr_schedule) == ("AdamW", "cosine")

@@ -17,25 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-import atssdet.train as train_mod
+import atssdet.training.step as step_mod
 from atssdet.config import PRESETS, ATSSConfig, with_overrides
+from atssdet.criterion import LOSS_KEYS
 from atssdet.data.check import DatasetCheckError
 from atssdet.data.coco import COCODetection
 from atssdet.data.sampler import GroupedBatchSampler
 from atssdet.data.synth import generate_synthetic_dataset
 from atssdet.modeling.atss import build_model
-from atssdet.train import (
-    LOSS_NAMES,
-    TrainingError,
-    find_resume_checkpoint,
-    learning_rate,
-    list_checkpoints,
-    load_backbone_weights,
-    load_checkpoint,
-    load_finetune_weights,
-    total_iterations,
-    train,
-)
+from atssdet.training import TrainingError, TrainResult, train
+from atssdet.training.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint
+from atssdet.training.schedule import learning_rate, total_iterations
+from atssdet.training.weights import load_backbone_weights, load_finetune_weights
 from tests.conftest import R18, run_cli
 
 # Everything that makes the model small and fast; the recipe fields stay MegEngine's except the
@@ -67,14 +60,14 @@ def make_dataset(root: Path, *, num_train: int = 4, num_val: int = 2) -> Any:
     )
 
 
-def run_tiny(ds: Any, out: Path, **kwargs: Any) -> train_mod.TrainResult:
+def run_tiny(ds: Any, out: Path, **kwargs: Any) -> TrainResult:
     options: dict[str, Any] = dict(batch_size=2, num_workers=0, progress=False, log_every=1, device="cpu")
     options.update(kwargs)
     return train(TINY_CFG, train_ann=ds.train_ann, train_images=ds.train_images, out_dir=out, **options)
 
 
-def loss_rows(result: train_mod.TrainResult) -> dict[int, list[float]]:
-    return {r["iteration"]: [r[k] for k in LOSS_NAMES] for r in result.losses}
+def loss_rows(result: TrainResult) -> dict[int, list[float]]:
+    return {r["iteration"]: [r[k] for k in LOSS_KEYS] for r in result.losses}
 
 
 class _PatchedLoss:
@@ -82,7 +75,7 @@ class _PatchedLoss:
 
     def __init__(self, *, at: int, exc: BaseException | None = None, nan: bool = False) -> None:
         self.at, self.exc, self.nan, self.calls = at, exc, nan, 0
-        self.real = train_mod.atss_loss
+        self.real = step_mod.atss_loss
 
     def __call__(self, output: Any, targets: Any, cfg: ATSSConfig) -> dict[str, torch.Tensor]:
         self.calls += 1
@@ -102,9 +95,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="module")
-def reference_run(
-    dataset: Any, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[train_mod.TrainResult, Path]:
+def reference_run(dataset: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, Path]:
     """An uninterrupted 50-iteration run with checkpoints every 10 iterations and validation every 25."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("reference")
@@ -186,7 +177,7 @@ def test_interrupted_run_resumes_with_identical_losses(dataset, reference_run, t
     from 10 and iterations 11..20 have exactly the losses of the uninterrupted run."""
     reference, _ = reference_run
     out = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "atss_loss", _PatchedLoss(at=13, exc=KeyboardInterrupt()))
+    monkeypatch.setattr(step_mod, "atss_loss", _PatchedLoss(at=13, exc=KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run_tiny(dataset, out, max_iters=50, checkpoint_every=10)
     monkeypatch.undo()
@@ -206,7 +197,7 @@ def test_nan_loss_stops_naming_iteration_and_images(dataset, tmp_path, monkeypat
     """A NaN loss at iteration 5 stops training with the iteration and the batch's image ids; the
     checkpoint of iteration 4 stays the newest and intact."""
     out = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "atss_loss", _PatchedLoss(at=5, nan=True))
+    monkeypatch.setattr(step_mod, "atss_loss", _PatchedLoss(at=5, nan=True))
     with pytest.raises(TrainingError) as info:
         run_tiny(dataset, out, max_iters=8, checkpoint_every=2)
     message = str(info.value)
@@ -361,6 +352,47 @@ def test_resume_refuses_another_layout_or_config(dataset, reference_run, tmp_pat
     with pytest.raises(ValueError, match="head_num_convs: checkpoint 1, now 2"):
         train(other, train_ann=dataset.train_ann, train_images=dataset.train_images, out_dir=tmp_path / "b",
               max_iters=12, resume=ckpt, num_workers=0, progress=False, device="cpu")  # fmt: skip
+
+
+def test_resume_after_set_log_interval_continues_but_not_after_a_recipe_change(
+    dataset, reference_run, tmp_path
+):
+    """Resume compares what changes the model, the data or the recipe: ``--set log_interval=5`` (and a
+    test-time field) may change and the run continues with the uninterrupted run's losses; a changed
+    ``basic_lr`` or ``backbone`` is refused, naming the field."""
+    reference, ref_out = reference_run
+    ckpt = ref_out / "iter_00000010.pt"
+    relaxed = with_overrides(TINY_CFG, {"log_interval": 5, "test_nms": 0.5})
+    out = tmp_path / "run"
+    result = train(
+        relaxed, train_ann=dataset.train_ann, train_images=dataset.train_images, out_dir=out, batch_size=2,
+        max_iters=16, checkpoint_every=100, resume=ckpt, num_workers=0, progress=False, device="cpu",
+    )  # fmt: skip
+    assert result.start_iteration == 10 and result.iteration == 16
+    ref = loss_rows(reference)
+    assert loss_rows(result) == {it: ref[it] for it in range(11, 17)}
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if "total_loss" in r] == [11, 15, 16]  # first, every 5th, last
+    assert ATSSConfig.from_json(load_checkpoint(out / "iter_00000016.pt")["config"]).log_interval == 5
+    for key, value in (("basic_lr", 0.02), ("backbone", "resnet34")):
+        other = with_overrides(TINY_CFG, {key: value})
+        with pytest.raises(ValueError, match=f"another config; differences:\n  {key}: checkpoint"):
+            train(other, train_ann=dataset.train_ann, train_images=dataset.train_images, out_dir=tmp_path / key,
+                  max_iters=12, resume=ckpt, num_workers=0, progress=False, device="cpu")  # fmt: skip
+
+
+def test_resume_from_a_checkpoint_that_carries_removed_config_fields(dataset, reference_run, tmp_path):
+    """A checkpoint written before the unread MegEngine fields were removed still resumes."""
+    reference, ref_out = reference_run
+    state = load_checkpoint(ref_out / "iter_00000010.pt")
+    old_config = json.loads(state["config"])
+    old_config.update({"fpn_top_in_feature": "p5", "in_features": ["p3", "p4", "p5", "p6", "p7"]})
+    old_config.update({"backbone_pretrained": False, "num_anchors": 1, "class_aware_box": False})
+    state["config"] = json.dumps(old_config)
+    torch.save(state, tmp_path / "iter_00000010.pt")
+    result = run_tiny(dataset, tmp_path, max_iters=11, checkpoint_every=100, resume="auto")
+    assert result.start_iteration == 10
+    assert loss_rows(result) == {11: loss_rows(reference)[11]}
 
 
 def test_resume_with_another_layout_when_allowed(dataset, reference_run, tmp_path, capsys):

@@ -35,21 +35,20 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180
 
 
 def test_sigkill_during_checkpoint_write_then_resume_auto(tmp_path):
-    from atssdet.train import find_resume_checkpoint, list_checkpoints, load_checkpoint
+    from atssdet.training.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint
 
     ds = make_dataset(tmp_path / "synth", num_train=4, num_val=0)
     out = tmp_path / "run"
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    # Test hook: the checkpoint of iteration 4 sleeps 120 s between writing its temp file and the rename.
-    env["ATSSDET_TEST_SLOW_CHECKPOINT"] = "4:120"
     sets = [arg for key, value in TINY_OVERRIDES.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "atssdet",
+            str(REPO_ROOT / "tests" / "faulty_cli.py"),
+            # the checkpoint of iteration 4 sleeps 120 s between writing its temp file and the rename
+            "slow_checkpoint=4:120",
             "train",
             "--model",
             "atss_res18_coco_3x_800size",

@@ -39,7 +39,7 @@ def train_worker(
     _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     from atssdet import distributed
-    from atssdet.train import train
+    from atssdet.training import train
 
     root_path = Path(root)
     try:
@@ -69,7 +69,8 @@ def train_worker(
 def test_two_gloo_ranks_give_the_single_process_losses(tmp_path):
     """Acceptance 5.2 (training half): 2 processes x batch 1 vs 1 process x batch 2, 4 iterations:
     the same loss sequence (within 1e-5 relative), the same lr, and the same trained weights."""
-    from atssdet.train import load_checkpoint, train
+    from atssdet.training import train
+    from atssdet.training.checkpoint import load_checkpoint
 
     ds = make_dataset(tmp_path / "synth", num_train=8, num_val=3)
     single = train(
@@ -127,17 +128,15 @@ def test_two_gloo_ranks_give_the_single_process_losses(tmp_path):
             assert d[key] == pytest.approx(s[key], rel=1e-5), (d["iteration"], key, d[key], s[key])
 
 
-def _torchrun_train(
-    root: Path, out: Path, env_extra: dict[str, str], timeout: float
-) -> tuple[int, str, float]:
+def _torchrun_train(root: Path, out: Path, fault: str, timeout: float) -> tuple[int, str, float]:
+    """``atssdet train`` on 2 gloo ranks under torchrun with ``fault`` injected (tests/faulty_cli.py)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    env.update(env_extra)
     sets = [arg for key, value in TINY_OVERRIDES.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "atssdet", "train", "--model", "atss_res18_coco_3x_800size", "--data", str(root),
+        str(REPO_ROOT / "tests" / "faulty_cli.py"), fault, "train", "--model", "atss_res18_coco_3x_800size", "--data", str(root),
         "--out", str(out), "--batch-size", "1", "--max-iters", "50", "--workers", "0", "--device", "cpu",
         "--no-progress", "--dist-timeout", "5", *sets,
     ]  # fmt: skip
@@ -152,17 +151,13 @@ def test_stuck_or_killed_rank_ends_the_job_with_a_clear_message(tmp_path):
     SIGKILLed -> the job fails at once, torchrun naming the killed rank."""
     ds = make_dataset(tmp_path / "synth", num_train=4, num_val=0)
 
-    code, output, elapsed = _torchrun_train(
-        ds.root, tmp_path / "stuck", {"ATSSDET_TEST_STALL_RANK": "1:2"}, timeout=240
-    )
+    code, output, elapsed = _torchrun_train(ds.root, tmp_path / "stuck", "stall_rank=1:2", timeout=240)
     print(f"stuck rank: exit {code} after {elapsed:.1f} s")
     assert code != 0
     assert "atssdet train: error: rank 0 of 2:" in output, output[-3000:]
     assert "another rank probably exited or is stuck (collective timeout 5 s)" in output
 
-    code, output, elapsed = _torchrun_train(
-        ds.root, tmp_path / "killed", {"ATSSDET_TEST_KILL_RANK": "1:2"}, timeout=240
-    )
+    code, output, elapsed = _torchrun_train(ds.root, tmp_path / "killed", "kill_rank=1:2", timeout=240)
     print(f"killed rank: exit {code} after {elapsed:.1f} s")
     assert code != 0
     assert "Signal 9 (SIGKILL)" in output or "exitcode  : -9" in output, output[-3000:]

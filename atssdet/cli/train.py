@@ -109,7 +109,7 @@ def add_parser(sub: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atssdet import distributed
-    from atssdet.train import TrainingError, train
+    from atssdet.training import TrainingError, train
 
     cfg = _config(args.model, args.finetune, overrides(args))
     train_ann, train_images = _split(args.data, args.images, args.split, flag="--data")
