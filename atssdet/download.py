@@ -22,12 +22,9 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from atssdet.convert import CheckpointError, load_megengine_pickle, megengine_to_torch, save_safetensors
-
-if TYPE_CHECKING:
-    from atssdet.zoo import ZooEntry
+from atssdet.zoo import ZooEntry, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +38,11 @@ class DownloadError(CheckpointError):
 
 def raw_path(entry: ZooEntry) -> Path:
     """Where the official MegEngine file lives in the cache (also where to put it by hand)."""
-    from atssdet.zoo import cache_dir
-
     return cache_dir() / entry.filename
 
 
 def converted_path(entry: ZooEntry) -> Path:
     """The converted ``<cache>/<name>.safetensors`` that loads use."""
-    from atssdet.zoo import cache_dir
-
     return cache_dir() / f"{entry.name}.safetensors"
 
 

@@ -274,7 +274,7 @@ def test_onnx_nms_conventions_match_torchvision():
     from onnx import TensorProto, helper
     from torchvision.ops import nms
 
-    from atssdet.export import onnx_iou_threshold
+    from atssdet.export_graph import onnx_iou_threshold
 
     node = helper.make_node("NonMaxSuppression", ["boxes", "scores", "max", "iou", "thr"], ["sel"])
     graph = helper.make_graph(

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         format_stats,
         format_stats_table,
     )
-    from atssdet.zoo import load_model
+    from atssdet.loader import load, load_runner
 
     if args.weights is None and args.model is None:
         raise ValueError("give --model NAME and/or --weights FILE...")
@@ -105,15 +105,13 @@ def run(args: argparse.Namespace) -> int:
         for label, weights in runs:
             model: Any
             if weights is not None and weights.endswith(".onnx"):  # an exported file, run by ONNX Runtime
-                from atssdet.predict import Detector
+                from atssdet.detector import Detector
 
-                if changes:
-                    raise ValueError(
-                        f"{weights}: --set does not apply to an ONNX file (its config is baked in)"
-                    )
-                model = Detector.from_checkpoint(weights, device=device.type)
+                model = Detector(load_runner(weights=weights, overrides=changes, device=device.type))
             else:
-                model = load_model(weights=weights, model_name=args.model, overrides=changes).to(device)
+                model = load(
+                    args.model, weights=weights, pretrained=weights is None, overrides=changes, device=device
+                )
             if main:
                 print(
                     f"== {label}: {weights or 'pretrained'} on {args.data} ({distributed.get_world_size()} process(es), {device})"
