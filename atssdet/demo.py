@@ -232,9 +232,9 @@ def _run_demo(
         history = json.loads(history_path.read_text())
 
     from atssdet.evaluate import evaluate
-    from atssdet.zoo import load_model
+    from atssdet.loader import load
 
-    model = load_model(weights=checkpoint).to(dev)
+    model = load(weights=checkpoint, device=dev)
 
     # 3. COCO mAP on the val split
     report = evaluate(
@@ -364,8 +364,8 @@ def _draw_predictions(
     :data:`DRAW_SCORE_THRESHOLD`, so each object shows its best label once. The COCO evaluation
     uses the config's per-class NMS and 0.05 threshold, as MegEngine does.
     """
+    from atssdet.detector import Detector
     from atssdet.evaluate import image_entries, load_coco
-    from atssdet.predict import Detector
 
     detector = Detector.from_checkpoint(checkpoint, device=dev)
     folder = out / PREDICTIONS_DIR
@@ -373,12 +373,10 @@ def _draw_predictions(
     for stale in folder.glob("*.png"):
         stale.unlink()
     files = [dataset.val_images / e.file_name for e in image_entries(load_coco(dataset.val_ann))[:count]]
-    results = detector.predict(
-        [str(f) for f in files],
-        score_threshold=DRAW_SCORE_THRESHOLD,
-        nms_threshold=DRAW_NMS,
-        class_agnostic=True,
+    options = detector.options.replace(
+        score_threshold=DRAW_SCORE_THRESHOLD, nms_threshold=DRAW_NMS, class_agnostic=True
     )
+    results = detector.predict([str(f) for f in files], options=options)
     paths: list[Path] = []
     drawn: list[np.ndarray] = []
     for file, dets in zip(files, results, strict=True):

@@ -11,12 +11,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from atssdet.config import COCO_CLASSES, PRESETS, ATSSConfig
-
-if TYPE_CHECKING:  # for the transitional block at the end
-    from atssdet.modeling.atss import ATSS
 
 DEFAULT_URL_BASE = "https://data.megengine.org.cn/models/weights/"
 
@@ -82,29 +78,3 @@ def coco_category_ids(class_names: Sequence[str]) -> Sequence[int]:
     if tuple(class_names) == COCO_CLASSES:
         return COCO_CATEGORY_IDS
     return range(1, len(class_names) + 1)
-
-
-# --- TRANSITIONAL (branch wp-infer): delete this block at integration. -------------------------------
-# The one loader is atssdet.loader.load. These two names stay only because files this branch may not
-# edit still import them: atssdet/__init__.py (load), serve.py and demo.py (load_model), and
-# tests/conftest.py, test_criterion.py, test_demo.py, test_train.py. Not part of the API.
-def load(
-    name: str,
-    pretrained: bool = False,
-    weights: str | os.PathLike[str] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> ATSS:
-    from atssdet.loader import load as one_loader
-
-    return one_loader(name, weights=weights, pretrained=pretrained, overrides=overrides)
-
-
-def load_model(
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    model_name: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> ATSS:
-    from atssdet.loader import load as one_loader
-
-    return one_loader(model_name, weights=weights, pretrained=weights is None, overrides=overrides)

@@ -99,7 +99,7 @@ def fake_detector(images: list[np.ndarray]) -> list[Any]:
     """A deterministic stand-in detector: knows each image by its (distinct) size, returns shifted gt + a false positive."""
     import torch
 
-    from atssdet.postprocess import Detections
+    from atssdet.structures import Detections
 
     by_size = {(h, w): objects for _, _, h, w, objects in IMAGES}
     out = []

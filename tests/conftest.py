@@ -94,7 +94,7 @@ def r18_outputs(reference_dir: Path):
 
 @pytest.fixture(scope="session")
 def r18_model(r18_checkpoint: Path):
-    from atssdet.zoo import load
+    from atssdet.loader import load
 
     return load(R18, weights=r18_checkpoint)
 
@@ -102,7 +102,7 @@ def r18_model(r18_checkpoint: Path):
 @pytest.fixture(scope="session")
 def r18_model_mge(r18_checkpoint: Path):
     """The reference res18 with ``numerics="megengine"`` (MegEngine-rounded head GroupNorm)."""
-    from atssdet.zoo import load
+    from atssdet.loader import load
 
     return load(R18, weights=r18_checkpoint, overrides={"numerics": "megengine"})
 

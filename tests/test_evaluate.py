@@ -18,7 +18,7 @@ from atssdet.evaluation import evaluate
 from atssdet.evaluation.coco import STAT_NAMES, coco_stats, detections_to_coco, per_class_ap, run_cocoeval
 from atssdet.evaluation.report import metrics_path_for
 from atssdet.evaluation.tables import expand_checkpoints, format_stats_table, load_metrics
-from atssdet.postprocess import Detections
+from atssdet.structures import Detections
 from tests.coco_synth import (
     CAT_IDS,
     IMAGES,

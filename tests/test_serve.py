@@ -23,9 +23,12 @@ httpx = pytest.importorskip("httpx", reason="the 'serve' extra (httpx) is not in
 from atssdet.cli import main  # noqa: E402
 from atssdet.compat import CompatModel, DetEvaluator  # noqa: E402
 from atssdet.config import COCO_CLASSES, with_overrides  # noqa: E402
+from atssdet.detector import Detector  # noqa: E402
+from atssdet.loader import load  # noqa: E402
 from atssdet.options import InferenceOptions  # noqa: E402
-from atssdet.postprocess import Detections, select_detections  # noqa: E402
+from atssdet.postprocess import select_detections  # noqa: E402
 from atssdet.serve import ApiError, DynamicBatcher, create_app, decode_upload, request_options  # noqa: E402
+from atssdet.structures import Detections  # noqa: E402
 from tests.conftest import R18  # noqa: E402
 from tests.helpers import assert_dets_match  # noqa: E402
 
@@ -61,8 +64,14 @@ def small_cfg(r18_model):
 
 
 @pytest.fixture(scope="module")
-def app(r18_model, small_cfg):
-    app = create_app(r18_model, model_name=R18, cfg=small_cfg, max_batch=8, max_wait_ms=20)
+def small_detector(r18_checkpoint):
+    """The reference res18 served at the small test sizes (its config carries them, as `serve --set`)."""
+    return Detector(load(R18, weights=r18_checkpoint, overrides=SMALL))
+
+
+@pytest.fixture(scope="module")
+def app(small_detector):
+    app = create_app(small_detector, model_name=R18, max_batch=8, max_wait_ms=20)
     yield app
     app.state.batcher.stop()
 
@@ -147,9 +156,7 @@ def test_options_form_and_query(app, r18_model, small_cfg, uploads):
     assert_dets_match(_as_array(body), ref(score_threshold=0.25, class_agnostic=True))
 
 
-def test_bad_uploads_get_documented_codes_and_server_keeps_serving(
-    app, r18_model, small_cfg, uploads, expected
-):
+def test_bad_uploads_get_documented_codes_and_server_keeps_serving(app, small_detector, uploads, expected):
     cases = [
         # (files, form data, status, words the JSON error must contain)
         ({"file": ("notes.txt", b"hello, not an image")}, {}, 415, ["notes.txt", "not a supported image"]),
@@ -175,7 +182,7 @@ def test_bad_uploads_get_documented_codes_and_server_keeps_serving(
             assert word in error, (word, error)
 
     # Size limit: declared (Content-Length) and streamed (chunked, no length) bodies over the limit.
-    small = create_app(r18_model, model_name=R18, cfg=small_cfg, max_upload_mb=0.05)
+    small = create_app(small_detector, model_name=R18, max_upload_mb=0.05)
     assert len(uploads["cat.jpg"]) > 0.05 * 2**20
     resp = _detect(small, uploads["cat.jpg"])
     assert resp.status_code == 413 and "0.05 MB upload limit" in resp.json()["error"]

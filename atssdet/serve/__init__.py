@@ -14,7 +14,7 @@ size; every refusal an :class:`ApiError`), :mod:`~atssdet.serve.app` (routes and
 from atssdet.serve.app import create_app
 from atssdet.serve.batcher import BatchResult, DynamicBatcher
 from atssdet.serve.checks import ApiError, decode_upload, request_options
-from atssdet.serve.server import load_serving_model, run_server
+from atssdet.serve.server import run_server, serving_detector
 
 __all__ = [
     "ApiError",
@@ -22,7 +22,7 @@ __all__ = [
     "DynamicBatcher",
     "create_app",
     "decode_upload",
-    "load_serving_model",
+    "serving_detector",
     "request_options",
     "run_server",
 ]

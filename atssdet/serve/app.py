@@ -1,7 +1,7 @@
 """The FastAPI application: routes, response models and error handlers (see ``docs/serving.md``).
 
-``create_app`` builds one :class:`~atssdet.predict.Detector` and one :class:`DynamicBatcher` whose
-worker calls it; the routes read them from ``app.state``. Uploads are decoded on the event loop's
+``create_app`` takes one :class:`~atssdet.detector.Detector` and builds one :class:`DynamicBatcher`
+whose worker calls it; the routes read them from ``app.state``. Uploads are decoded on the event loop's
 thread pool, never on the loop itself.
 """
 
@@ -25,12 +25,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atssdet.config import ATSSConfig
-from atssdet.modeling.atss import ATSS
+from atssdet.detector import Detector
 from atssdet.options import InferenceOptions
-from atssdet.postprocess import Detections
-from atssdet.predict import Detector
 from atssdet.serve.batcher import DynamicBatcher, ServerBusy
 from atssdet.serve.checks import ApiError, BodyLimit, decode_upload, request_options
+from atssdet.structures import Detections
 
 
 class ImageSize(BaseModel):
@@ -83,39 +82,25 @@ def _detect_batch(
     :meth:`Detector.predict` in one call: images are grouped by padded input size, so each gets
     exactly its batch-1 result (``DetEvaluator.predict``).
     """
-    return detector.predict(
-        images,
-        batch_size=len(images),
-        score_threshold=options.score_threshold,
-        nms_threshold=options.nms_threshold,
-        max_detections=options.max_detections,
-        class_agnostic=options.class_agnostic,
-        classes=None if options.classes is None else list(options.classes),
-        flip_tta=options.flip_tta,
-    )
+    return detector.predict(images, batch_size=len(images), options=options)
 
 
 def create_app(
-    model: ATSS,
+    detector: Detector,
     *,
     model_name: str = "atss",
-    cfg: ATSSConfig | None = None,
     max_batch: int = 8,
     max_wait_ms: float = 10.0,
     max_upload_mb: float = 20.0,
     max_queue: int = 1024,
 ) -> FastAPI:
-    """The FastAPI app serving ``model`` (in eval mode, on its device).
+    """The FastAPI app serving ``detector`` (see :func:`~atssdet.serve.server.serving_detector`).
 
-    ``cfg`` supplies the inference settings (test sizes, thresholds, class names; default
-    ``model.cfg``). The batching worker thread (``app.state.batcher``) starts with the app (or at the
-    first request) and stops at shutdown.
+    Its config supplies the inference settings (test sizes, ``test_*`` defaults, class names). The
+    batching worker thread (``app.state.batcher``) starts with the app (or at the first request) and
+    stops at shutdown.
     """
-    cfg = cfg or model.cfg
-    device = next(model.parameters()).device
-    detector = Detector(
-        model, device=device, short_size=cfg.test_image_short_size, max_size=cfg.test_image_max_size
-    )
+    cfg, device = detector.cfg, detector.device
     batcher = DynamicBatcher(
         partial(_detect_batch, detector), max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atssdet.options import InferenceOptions
-from atssdet.postprocess import Detections
+from atssdet.structures import Detections
 
 # Images (BGR uint8 [H_i, W_i, 3]) and the options they share -> one Detections per image, in order.
 DetectFn = Callable[[list[np.ndarray], InferenceOptions], list[Detections]]

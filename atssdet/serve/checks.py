@@ -14,33 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from atssdet.data.image_io import ImageReadError, decode_image
+from atssdet.data.image_io import ImageReadError, decode_image, sniff_format
 from atssdet.options import InferenceOptions, OptionError, parse_classes
-
-# Leading bytes of the formats OpenCV decodes: an upload that starts like one of these but does not
-# decode is corrupt (422); anything else is not an image format we know (415).
-_IMAGE_SIGNATURES: tuple[bytes, ...] = (
-    b"\xff\xd8\xff",  # JPEG
-    b"\x89PNG\r\n\x1a\n",  # PNG
-    b"GIF87a",
-    b"GIF89a",
-    b"BM",  # BMP
-    b"II*\x00",  # TIFF little-endian
-    b"MM\x00*",  # TIFF big-endian
-    b"RIFF",  # WebP (RIFF....WEBP)
-    b"\x00\x00\x00\x0cjP  ",  # JPEG 2000
-    b"\xff\x4f\xff\x51",  # JPEG 2000 codestream
-    b"#?RADIANCE",  # HDR
-    b"\x76\x2f\x31\x01",  # OpenEXR
-    b"P1",  # PBM/PGM/PPM/PAM
-    b"P2",
-    b"P3",
-    b"P4",
-    b"P5",
-    b"P6",
-    b"P7",
-    b"\x59\xa6\x6a\x95",  # Sun raster
-)
 
 
 class ApiError(Exception):
@@ -57,7 +32,9 @@ def decode_upload(data: bytes, *, filename: str) -> np.ndarray:
     try:
         return decode_image(data, source=filename)
     except ImageReadError as exc:
-        if len(data) == 0 or data.startswith(_IMAGE_SIGNATURES):
+        # An upload that starts like a format OpenCV decodes but does not decode is corrupt (422);
+        # anything else is not an image format we know (415).
+        if len(data) == 0 or sniff_format(data) is not None:
             raise ApiError(422, str(exc)) from None
         head = data[:8]
         raise ApiError(

@@ -6,27 +6,25 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI
 
-from atssdet.config import ATSSConfig
-from atssdet.modeling.atss import ATSS
+from atssdet.detector import Detector
 
 
-def load_serving_model(
+def serving_detector(
     *,
     model_name: str | None,
     weights: str | Path | None,
     device: str | None,
     overrides: dict[str, Any] | None = None,
-) -> tuple[ATSS, ATSSConfig, str]:
-    """``(model on device, inference config, name)`` from a zoo name and/or a weights file.
+) -> tuple[Detector, str]:
+    """``(detector, name)`` from a zoo name and/or a weights file, through :func:`atssdet.loader.load_runner`.
 
-    ``--model`` alone loads the zoo's pretrained weights; ``--weights`` alone needs an atssdet
-    ``.safetensors`` (it carries its config). ``overrides`` may change only ``test_*`` settings.
+    ``--model`` alone loads the zoo's pretrained weights; ``--weights`` alone needs a file that
+    carries its config (an atssdet ``.safetensors`` or ``.onnx``). ``overrides`` may change only
+    ``test_*`` settings.
     """
-    from atssdet.config import with_overrides
-    from atssdet.zoo import load_model
+    from atssdet.loader import load_runner
 
     if model_name is None and weights is None:
         raise ValueError("give --model NAME, --weights FILE, or both")
@@ -34,11 +32,9 @@ def load_serving_model(
     bad = sorted(k for k in overrides if not k.startswith("test_"))
     if bad:
         raise ValueError(f"serve --set changes inference settings (test_*) only, not {', '.join(bad)}")
-    model = load_model(model_name=model_name, weights=weights)
+    detector = Detector(load_runner(model_name, weights=weights, overrides=overrides or None, device=device))
     name = model_name if model_name is not None else Path(str(weights)).name.split(".")[0]
-    cfg = with_overrides(model.cfg, overrides) if overrides else model.cfg
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(dev).eval(), cfg, name
+    return detector, name
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
