@@ -33,6 +33,7 @@ from atssdet import distributed
 from atssdet.batching import group_by_padded_size
 from atssdet.config import ATSSConfig
 from atssdet.data.coco_records import CocoFile, ImageRecord
+from atssdet.detector import Detector
 from atssdet.evaluation.coco import (
     STAT_NAMES,
     detections_to_coco,
@@ -43,8 +44,7 @@ from atssdet.evaluation.coco import (
 )
 from atssdet.evaluation.report import EvalReport, write_eval_files
 from atssdet.modeling.atss import ATSS
-from atssdet.postprocess import Detections
-from atssdet.predict import Detector
+from atssdet.structures import Detections
 
 # A detector callable: BGR uint8 images [H_i, W_i, 3] -> one Detections per image, boxes in the
 # pixels of the image it was given, labels 0..C-1.
@@ -57,12 +57,13 @@ _HW = Callable[[int, int], tuple[int, int]]
 
 
 class ModelRunner:
-    """Evaluation's view of a :class:`~atssdet.predict.Detector`: resize in loader threads, detect in batches.
+    """Evaluation's view of a :class:`~atssdet.detector.Detector`: resize in loader threads, detect in batches.
 
     :meth:`preprocess` is the MegEngine eval resize (it runs in loader threads); :meth:`resized_hw`
     plans batches from the annotation's sizes; :meth:`run` is :meth:`Detector.detect_resized`, which
     batches only images of the same padded size, so every image gets exactly
-    ``compat.DetEvaluator.predict``'s detections whatever the batch. Unset values come from ``model.cfg``.
+    ``compat.DetEvaluator.predict``'s detections whatever the batch. Unset values come from the
+    detector (its config's ``test_*`` values); the thresholds are validated as :class:`~atssdet.options.InferenceOptions`.
     """
 
     def __init__(
@@ -86,9 +87,9 @@ class ModelRunner:
             self.detector = Detector(
                 cast(ATSS, core), device=device, short_size=short_size, max_size=max_size
             )
-        self.score_threshold = score_threshold
-        self.nms_threshold = nms_threshold
-        self.max_detections = max_detections
+        self.options = self.detector.options.replace(
+            score_threshold=score_threshold, nms_threshold=nms_threshold, max_detections=max_detections
+        )
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """BGR uint8 ``[H, W, 3]`` -> resized ``[h, w, 3]`` (MegEngine's ``cv2.resize`` INTER_LINEAR)."""
@@ -104,13 +105,7 @@ class ModelRunner:
 
     def run(self, resized: list[np.ndarray], orig_hw: list[tuple[int, int]]) -> list[Detections]:
         """One :class:`Detections` per resized image, boxes in original ``(height, width)`` pixels."""
-        return self.detector.detect_resized(
-            resized,
-            orig_hw,
-            score_threshold=self.score_threshold,
-            nms_threshold=self.nms_threshold,
-            max_detections=self.max_detections,
-        )
+        return self.detector.detect_resized(resized, orig_hw, options=self.options)
 
 
 def _config_of(model: nn.Module) -> ATSSConfig:
@@ -298,7 +293,7 @@ def evaluate(
     """Run ``model`` over every image of ``ann_file`` (files under ``image_dir``) and score it with COCOeval.
 
     ``model`` is an ATSS model (an in-memory one from a trainer is fine; a DDP wrapper too: its
-    training mode is restored afterwards), a :class:`~atssdet.predict.Detector` (for instance an
+    training mode is restored afterwards), a :class:`~atssdet.detector.Detector` (for instance an
     exported ``.onnx`` file: ``Detector.from_checkpoint("m.onnx")``) or a :data:`DetectFn` callable.
     ``device`` defaults to the model's own device. ``ann_file`` is validated by the COCO schema (a
     fatal problem raises :class:`~atssdet.data.coco_records.DatasetError`). Images that cannot be
