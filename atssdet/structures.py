@@ -1,7 +1,7 @@
 """Plain result types: what inference returns, with no file IO, drawing or format conversion.
 
 Drawing and saving live in :mod:`atssdet.visualize`; COCO results conversion in
-:func:`atssdet.evaluate.detections_to_coco` (one place, used by ``eval`` and ``predict``).
+:func:`atssdet.evaluation.coco.detections_to_coco` (one place, used by ``eval`` and ``predict``).
 """
 
 from __future__ import annotations

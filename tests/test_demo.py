@@ -13,7 +13,7 @@ import torch
 from atssdet.config import BACKBONE_CHANNELS, DEMO_PRESETS, SHAPE_CLASSES
 from atssdet.demo import CHECKPOINT_NAME, QUICK_PLAN, DemoPlan, checkpoint_matches, demo_config, run_demo
 from atssdet.demo_plots import draw_enlarged, make_grid
-from atssdet.evaluate import STAT_NAMES
+from atssdet.evaluation.coco import STAT_NAMES
 from atssdet.modeling.resnet import ResNet
 from tests.conftest import run_cli
 

@@ -11,7 +11,7 @@ from atssdet.compat import DetEvaluator
 from atssdet.config import COCO_CLASSES
 from atssdet.convert import CheckpointError, save_safetensors
 from atssdet.detector import Detector, unflip_boxes
-from atssdet.evaluate import detections_to_coco
+from atssdet.evaluation.coco import detections_to_coco
 from atssdet.options import parse_classes
 from atssdet.predict import expand_inputs
 from atssdet.structures import Detections

@@ -69,9 +69,9 @@ def add_parser(sub: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atssdet import distributed
-    from atssdet.evaluate import (
+    from atssdet.evaluation import evaluate
+    from atssdet.evaluation.tables import (
         checkpoint_label,
-        evaluate,
         expand_checkpoints,
         format_per_class_table,
         format_stats,
