@@ -3,7 +3,7 @@
 Inputs are files, folders and globs (:func:`expand_inputs`); detection is
 :meth:`atssdet.detector.Detector.iter_predict` under one :class:`~atssdet.options.InferenceOptions`;
 drawings go through :mod:`atssdet.visualize` and COCO results through
-:func:`atssdet.evaluate.detections_to_coco` (the one COCO conversion, shared with ``eval``).
+:func:`atssdet.evaluation.coco.detections_to_coco` (the one COCO conversion, shared with ``eval``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def predict_files(
     """
     from tqdm import tqdm
 
-    from atssdet.evaluate import detections_to_coco  # pycocotools; and evaluate imports the detector
+    from atssdet.evaluation.coco import detections_to_coco  # pycocotools; and evaluation imports the detector
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
