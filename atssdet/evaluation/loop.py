@@ -6,7 +6,7 @@ which scores them and writes the files; every rank returns the same :class:`Eval
 
 Typical use::
 
-    model = atssdet.zoo.load("atss_res50_coco_3x_800size", weights="atss_res50.safetensors")
+    model = atssdet.load("atss_res50_coco_3x_800size", weights="atss_res50.safetensors")
     report = evaluate(model, "annotations/instances_val2017.json", "val2017", batch_size=4,
                       out="runs/eval/res50.results.json")
     report.stats["AP"]
@@ -44,6 +44,7 @@ from atssdet.evaluation.coco import (
 )
 from atssdet.evaluation.report import EvalReport, write_eval_files
 from atssdet.modeling.atss import ATSS
+from atssdet.options import InferenceOptions
 from atssdet.structures import Detections
 
 # A detector callable: BGR uint8 images [H_i, W_i, 3] -> one Detections per image, boxes in the
@@ -63,7 +64,7 @@ class ModelRunner:
     plans batches from the annotation's sizes; :meth:`run` is :meth:`Detector.detect_resized`, which
     batches only images of the same padded size, so every image gets exactly
     ``compat.DetEvaluator.predict``'s detections whatever the batch. Unset values come from the
-    detector (its config's ``test_*`` values); the thresholds are validated as :class:`~atssdet.options.InferenceOptions`.
+    detector (its :attr:`~atssdet.detector.Detector.options`: the config's ``test_*`` values).
     """
 
     def __init__(
@@ -73,9 +74,7 @@ class ModelRunner:
         device: torch.device | None = None,
         short_size: int | None = None,
         max_size: int | None = None,
-        score_threshold: float | None = None,
-        nms_threshold: float | None = None,
-        max_detections: int | None = None,
+        options: InferenceOptions | None = None,
     ) -> None:
         if isinstance(model, Detector):  # e.g. an exported .onnx file run by ONNX Runtime
             self.detector = copy.copy(model)
@@ -87,9 +86,7 @@ class ModelRunner:
             self.detector = Detector(
                 cast(ATSS, core), device=device, short_size=short_size, max_size=max_size
             )
-        self.options = self.detector.options.replace(
-            score_threshold=score_threshold, nms_threshold=nms_threshold, max_detections=max_detections
-        )
+        self.options = options if options is not None else self.detector.options
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """BGR uint8 ``[H, W, 3]`` -> resized ``[h, w, 3]`` (MegEngine's ``cv2.resize`` INTER_LINEAR)."""
@@ -142,9 +139,7 @@ def _pipeline(
     device: str | torch.device | None,
     short_size: int | None,
     max_size: int | None,
-    score_threshold: float | None,
-    nms_threshold: float | None,
-    max_detections: int | None,
+    options: InferenceOptions | None,
 ) -> _Pipeline:
     """The pipeline of a module (moved to ``device``, default its own; set to eval), a Detector or a callable."""
     if not isinstance(model, Detector | nn.Module):
@@ -169,9 +164,7 @@ def _pipeline(
         device=dev,
         short_size=short_size,
         max_size=max_size,
-        score_threshold=score_threshold,
-        nms_threshold=nms_threshold,
-        max_detections=max_detections,
+        options=options,
     )
     pipeline.detect, pipeline.preprocess, pipeline.resized_hw = (
         model_runner.run,
@@ -283,9 +276,7 @@ def evaluate(
     out: str | os.PathLike[str] | None = None,
     short_size: int | None = None,
     max_size: int | None = None,
-    score_threshold: float | None = None,
-    nms_threshold: float | None = None,
-    max_detections: int | None = None,
+    options: InferenceOptions | None = None,
     num_workers: int = 2,
     progress: bool = True,
     extra_metrics: dict[str, Any] | None = None,
@@ -295,7 +286,8 @@ def evaluate(
     ``model`` is an ATSS model (an in-memory one from a trainer is fine; a DDP wrapper too: its
     training mode is restored afterwards), a :class:`~atssdet.detector.Detector` (for instance an
     exported ``.onnx`` file: ``Detector.from_checkpoint("m.onnx")``) or a :data:`DetectFn` callable.
-    ``device`` defaults to the model's own device. ``ann_file`` is validated by the COCO schema (a
+    ``device`` defaults to the model's own device; ``options`` (thresholds, top-k) to the model config's
+    ``test_*`` values (:meth:`~atssdet.options.InferenceOptions.from_config`). ``ann_file`` is validated by the COCO schema (a
     fatal problem raises :class:`~atssdet.data.coco_records.DatasetError`). Images that cannot be
     read are reported (stderr and ``failed_images``) and skipped; the statistics then cover the
     images that were evaluated. With ``out`` the COCO results JSON is written there and the metrics
@@ -321,9 +313,7 @@ def evaluate(
         device=device,
         short_size=short_size,
         max_size=max_size,
-        score_threshold=score_threshold,
-        nms_threshold=nms_threshold,
-        max_detections=max_detections,
+        options=options,
     )
     bar = None
     if progress and main:

@@ -75,10 +75,12 @@ def _to_numpy(x: Tensor | np.ndarray, dtype: type) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-def _providers(device: str | None, available: Sequence[str]) -> list[str]:
-    """ONNX Runtime execution providers for ``device`` "cpu", "cuda" or None (CUDA if offered)."""
+def _providers(device: str | torch.device | None, available: Sequence[str]) -> list[str]:
+    """ONNX Runtime execution providers for ``device`` "cpu", "cuda" (a torch device or "cuda:0"
+    naming one too) or None (CUDA if offered)."""
     if device is None:
         device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    device = str(device).split(":")[0]
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
             raise ValueError(f"device 'cuda' requested but onnxruntime offers only {list(available)}")
