@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from atssdet.config import ATSSConfig
 from atssdet.export_graph import ExportGraph, RawInputGraph
 from atssdet.fileio import atomic_path
+from atssdet.guard import OutputGuard
 from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY
 from atssdet.options import InferenceOptions
 
@@ -39,6 +40,7 @@ RAW_INPUT_NAME = "image"  # --raw-input graphs: one uint8 [H, W, 3] BGR image
 DENSE_OUTPUT_NAMES = ("scores", "boxes")
 NMS_OUTPUT_NAMES = ("detections", "num_detections")
 METADATA_PREFIX = "atssdet."
+COMMAND = "export"  # the written-by mark of exported files (atssdet.guard)
 
 
 def _require(module: str) -> Any:
@@ -208,8 +210,12 @@ def export_onnx(
     example_hw: tuple[int, int] = (213, 160),
     model_name: str | None = None,
     raw_input: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (written atomically) and return the path.
+
+    An existing ``path`` that ``export`` did not write is refused (:class:`atssdet.guard.OutputError`)
+    unless ``overwrite``.
 
     Inputs ``images [N, 3, H, W]``, ``image_hw [N, 2]``, ``orig_hw [N, 2]`` (see the module doc).
     Outputs ``scores [N, A, C]``, ``boxes [N, A, 4]``; with ``with_nms`` ``detections [N, K, 6]`` and
@@ -223,6 +229,7 @@ def export_onnx(
     their names with batch 1. ``example_hw`` is then the example image's size.
     """
     onnx = _require("onnx")
+    OutputGuard(COMMAND, overwrite=overwrite).check([path])
     cfg = model.cfg
     if cfg.numerics != "torch":
         raise ValueError(
@@ -246,7 +253,7 @@ def export_onnx(
     if raw_input:
         graph = RawInputGraph(graph, cfg.test_image_short_size, cfg.test_image_max_size).eval()
     path = Path(path)
-    with atomic_path(path) as tmp_path:
+    with atomic_path(path, mark=COMMAND) as tmp_path:
         _trace_to_onnx(
             graph,
             _example_inputs(example_hw, raw_input, next(model.parameters()).device),

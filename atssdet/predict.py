@@ -19,10 +19,13 @@ from typing import Any
 
 from atssdet.detector import Detector
 from atssdet.fileio import atomic_write_text
+from atssdet.guard import OutputGuard
 from atssdet.options import InferenceOptions
 from atssdet.structures import Detections
 from atssdet.visualize import DRAW_SCORE_THRESHOLD, save_detections
 from atssdet.zoo import coco_category_ids
+
+COMMAND = "predict"  # the written-by mark of predict's outputs (images, JSON, videos)
 
 
 def predict_files(
@@ -37,6 +40,7 @@ def predict_files(
     coco: bool = False,
     coco_annotations: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PredictReport:
     """Detect objects in files/folders/globs and write drawn images plus one JSON into ``out_dir``.
 
@@ -50,18 +54,22 @@ def predict_files(
     file leaves its number unused, so ids do not depend on which files fail), unless
     ``coco_annotations`` (a COCO annotation file) is given, which supplies the ids by file name.
     Unreadable or missing inputs are reported in ``PredictReport.failed`` and skipped.
+
+    Before any image is read, :class:`~atssdet.guard.OutputGuard` refuses outputs that are inputs
+    and existing files that ``predict`` did not write (unless ``overwrite``); see :func:`plan_outputs`.
     """
     from tqdm import tqdm
 
     from atssdet.evaluation.coco import detections_to_coco  # pycocotools; and evaluation imports the detector
 
     out = Path(out_dir)
+    plan = plan_outputs(inputs, out_dir=out, draw=draw, coco=coco, coco_annotations=coco_annotations)
+    OutputGuard(COMMAND, inputs=plan.inputs, overwrite=overwrite).check(plan.outputs)
     out.mkdir(parents=True, exist_ok=True)
     threshold = DRAW_SCORE_THRESHOLD if draw_threshold is None else draw_threshold
-    files, ids_by_name, failed = _image_files(inputs, coco_annotations)
+    files, ids_by_name = plan.files, plan.ids_by_name
     cat_ids = coco_category_ids(detector.cfg.class_names)
-    report = PredictReport(out_dir=out, failed=failed)
-    used_names: set[str] = set()
+    report = PredictReport(out_dir=out, failed=list(plan.failed))
     records: list[dict[str, Any]] = []
     coco_results: list[dict[str, Any]] = []
     coco_images: list[dict[str, Any]] = []
@@ -77,7 +85,7 @@ def predict_files(
             drawn_path = None
             if draw:
                 drawn_path = save_detections(
-                    result, out / _unique_name(Path(path), used_names), score_threshold=threshold
+                    result, plan.drawn[index], score_threshold=threshold, mark=COMMAND
                 )
             result.image = None  # free the pixels; only the detections are kept
             h, w = result.image_hw or (0, 0)
@@ -92,8 +100,53 @@ def predict_files(
     else:
         failed_json = [{"file": f, "error": e} for f, e in report.failed]
         doc = {"model": detector.describe(), "images": records, "failed": failed_json}
-        report.json_path = atomic_write_text(out / "predictions.json", json.dumps(doc, indent=1) + "\n")
+        report.json_path = atomic_write_text(
+            plan.json_paths[0], json.dumps(doc, indent=1) + "\n", mark=COMMAND
+        )
     return report
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What :func:`predict_files` will read and write, known before any image is read."""
+
+    files: list[str]  # the images, in input order
+    ids_by_name: dict[str, int] | None  # COCO image ids by file name (``coco_annotations``), else None
+    failed: list[tuple[str, str]]  # ``(input, reason)`` of inputs that are not usable files
+    drawn: list[Path]  # the drawn image of ``files[i]`` (empty without drawing)
+    json_paths: list[Path]  # predictions.json, or predictions_coco.json + images_coco.json
+    annotations: Path | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        return [*self.files, *([str(self.annotations)] if self.annotations is not None else [])]
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [*self.drawn, *self.json_paths]
+
+
+def plan_outputs(
+    inputs: Sequence[str],
+    *,
+    out_dir: str | os.PathLike[str],
+    draw: bool = True,
+    coco: bool = False,
+    coco_annotations: str | os.PathLike[str] | None = None,
+) -> OutputPlan:
+    """Expand ``inputs`` and name every file :func:`predict_files` writes into ``out_dir``.
+
+    Drawn images are named after their input (``cat.jpg``; a second ``cat.jpg`` from another folder
+    becomes ``cat_2.jpg``; suffixes OpenCV cannot write become ``.jpg``), whether or not the image
+    turns out readable, so names do not depend on which files fail.
+    """
+    out = Path(out_dir)
+    files, ids_by_name, failed = _image_files(inputs, coco_annotations)
+    used: set[str] = set()
+    drawn = [out / _unique_name(Path(f), used) for f in files] if draw else []
+    names = ("predictions_coco.json", "images_coco.json") if coco else ("predictions.json",)
+    annotations = Path(coco_annotations) if coco_annotations is not None else None
+    return OutputPlan(files, ids_by_name, failed, drawn, [out / n for n in names], annotations)
 
 
 def _image_files(
@@ -142,9 +195,9 @@ def _write_coco(
 ) -> Path:
     """``predictions_coco.json`` (results list) and ``images_coco.json`` (images + categories); the first's path."""
     categories = [{"id": int(i), "name": n} for i, n in zip(cat_ids, class_names, strict=True)]
-    path = atomic_write_text(out / "predictions_coco.json", json.dumps(results) + "\n")
+    path = atomic_write_text(out / "predictions_coco.json", json.dumps(results) + "\n", mark=COMMAND)
     skeleton = {"images": images, "annotations": [], "categories": categories}
-    atomic_write_text(out / "images_coco.json", json.dumps(skeleton) + "\n")
+    atomic_write_text(out / "images_coco.json", json.dumps(skeleton) + "\n", mark=COMMAND)
     return path
 
 

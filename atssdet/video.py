@@ -17,7 +17,9 @@ import numpy as np
 from atssdet import visualize
 from atssdet.detector import Detector
 from atssdet.fileio import atomic_path
+from atssdet.guard import OutputGuard
 from atssdet.options import InferenceOptions
+from atssdet.predict import COMMAND
 
 # Inputs routed to :func:`predict_video` by ``atssdet predict`` (any container OpenCV's FFmpeg reads).
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -45,6 +47,7 @@ def predict_video(
     draw: bool = True,
     draw_threshold: float | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> VideoReport:
     """Detect objects in every frame of a video and write the results into ``out_dir``, atomically.
 
@@ -55,6 +58,8 @@ def predict_video(
     rate and size) with every detection scoring ``>= draw_threshold`` (default
     :data:`atssdet.visualize.DRAW_SCORE_THRESHOLD`) drawn. Both files appear only when the whole
     video is done; a video that cannot be opened or has no decodable frame raises ValueError naming it.
+    Existing files of those names that ``predict`` did not write are refused (:class:`~atssdet.guard.
+    OutputError`) before the first frame, unless ``overwrite``.
     """
     from tqdm import tqdm
 
@@ -62,14 +67,23 @@ def predict_video(
     capture, fps, total = _open(source)
     threshold = visualize.DRAW_SCORE_THRESHOLD if draw_threshold is None else draw_threshold
     video_out, jsonl_out = _output_paths(source, Path(out_dir))
+    try:
+        OutputGuard(COMMAND, inputs=[source], overwrite=overwrite).check(
+            [jsonl_out, video_out] if draw else [jsonl_out]
+        )
+    except BaseException:
+        capture.release()
+        raise
     start = time.perf_counter()
     count = 0
     results = detector.iter_predict(_frames(capture), batch_size=batch_size, options=options)
     writer = _LazyVideoWriter(video_out, fps)
     try:
         with contextlib.ExitStack() as stack:
-            tmp_jsonl = stack.enter_context(atomic_path(jsonl_out, suffix=".jsonl"))
-            tmp_video = stack.enter_context(atomic_path(video_out, suffix=".mp4")) if draw else None
+            tmp_jsonl = stack.enter_context(atomic_path(jsonl_out, suffix=".jsonl", mark=COMMAND))
+            tmp_video = (
+                stack.enter_context(atomic_path(video_out, suffix=".mp4", mark=COMMAND)) if draw else None
+            )
             lines = stack.enter_context(open(tmp_jsonl, "w", encoding="utf-8"))
             bar = stack.enter_context(tqdm(total=total, unit="frame", desc=source.name, disable=not progress))
             for result in results:
@@ -95,6 +109,17 @@ def predict_video(
         fps=fps,
         seconds=time.perf_counter() - start,
     )
+
+
+def plan_video(
+    path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, draw: bool = True
+) -> list[Path]:
+    """The files :func:`predict_video` would write for ``path``; ValueError naming it if it cannot be opened."""
+    source = Path(path)
+    capture, _, _ = _open(source)
+    capture.release()
+    video_out, jsonl_out = _output_paths(source, Path(out_dir))
+    return [jsonl_out, video_out] if draw else [jsonl_out]
 
 
 def _open(source: Path) -> tuple[cv2.VideoCapture, float, int | None]:

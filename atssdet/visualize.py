@@ -132,18 +132,22 @@ def save_detections(
     *,
     image: np.ndarray | None = None,
     score_threshold: float = DRAW_SCORE_THRESHOLD,
+    mark: str | None = None,
 ) -> Path:
-    """Write ``path`` atomically: ``.json`` -> ``det.to_dict()``; an image suffix -> :func:`draw`."""
+    """Write ``path`` atomically: ``.json`` -> ``det.to_dict()``; an image suffix -> :func:`draw`.
+
+    ``mark``: the written-by mark of the command writing it (:func:`atssdet.fileio.written_by`).
+    """
     from atssdet.fileio import atomic_write_bytes, atomic_write_text
 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return atomic_write_text(path, json.dumps(det.to_dict(), indent=1) + "\n")
+        return atomic_write_text(path, json.dumps(det.to_dict(), indent=1) + "\n", mark=mark)
     if suffix not in IMAGE_SUFFIXES:
         raise ValueError(f"{path}: unsupported output type; use .json or one of {', '.join(IMAGE_SUFFIXES)}")
     drawn = draw(det, image, score_threshold=score_threshold)
     ok, encoded = cv2.imencode(suffix, drawn)
     if not ok:
         raise ValueError(f"{path}: OpenCV cannot encode {suffix} images")
-    return atomic_write_bytes(path, encoded.tobytes())
+    return atomic_write_bytes(path, encoded.tobytes(), mark=mark)

@@ -42,6 +42,9 @@ def _add_synth(sub: SubParsers) -> None:
         help="image file format (jpg: ~4x smaller; default png)",
     )
     p.add_argument("--force", action="store_true", help="replace a dataset generated with other parameters")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing files that data synth did not write"
+    )
     add_progress_flag(p)
     p.set_defaults(func=_run_synth)
 
@@ -49,7 +52,7 @@ def _add_synth(sub: SubParsers) -> None:
 def _run_synth(args: argparse.Namespace) -> int:
     from atssdet.data.synth import generate_synthetic_dataset
 
-    kwargs = given(args, "seed", "image_format", "force", "progress")
+    kwargs = given(args, "seed", "image_format", "force", "progress", "overwrite")
     if hasattr(args, "image_size"):
         if len(args.image_size) not in (1, 2):
             raise ValueError(f"--image-size takes 1 or 2 values, got {len(args.image_size)}")
@@ -78,6 +81,9 @@ def _add_check(sub: SubParsers) -> None:
     p.add_argument(
         "--json", metavar="REPORT", default=None, help="also write the report as JSON to this path"
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a --json file that data check did not write"
+    )
     p.add_argument("--max-examples", type=int, help="offending entries shown per problem (default 5)")
     p.add_argument(
         "--no-images",
@@ -93,15 +99,18 @@ def _add_check(sub: SubParsers) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from atssdet.data.check import check_dataset, write_report_json
+    from atssdet.data.check import check_dataset, report_guard, write_report_json
 
     kwargs = given(args, "read_images", "num_workers", "progress", "max_examples")
     if kwargs.get("max_examples", 0) < 0:
         raise ValueError(f"--max-examples must be >= 0, got {args.max_examples}")
     if kwargs.get("num_workers", 1) < 1:
         raise ValueError(f"--workers must be >= 1, got {args.num_workers}")
+    overwrite = getattr(args, "overwrite", False)
+    if args.json:  # refused before the check runs
+        report_guard(args.ann_file, overwrite=overwrite).check([args.json])
     report = check_dataset(args.ann_file, args.images, **kwargs)
     print(report.format(**given(args, "max_examples")))
     if args.json:
-        print(f"wrote {write_report_json(report, args.json)}")
+        print(f"wrote {write_report_json(report, args.json, overwrite=overwrite)}")
     return 1 if report.fatal else 0

@@ -50,6 +50,11 @@ def add_parser(sub: SubParsers) -> None:
         default="runs/eval/{name}.results.json",
         help="results JSON path; {name} is replaced by the checkpoint name (default %(default)s)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing results/metrics files that eval did not write (never the inputs)",
+    )
     p.add_argument("--batch-size", type=int, help="images per forward pass (per process; default 1)")
     add_device_flag(p, "cpu, cuda, cuda:1 ... (default: cuda if available; per LOCAL_RANK under torchrun)")
     p.add_argument(
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from atssdet.evaluation.checkpoints import evaluate_checkpoints
     from atssdet.evaluation.tables import format_per_class_table, format_stats, format_stats_table
 
+    _check_outputs(args)
     results = evaluate_checkpoints(
         args.weights,
         args.data,
@@ -97,3 +103,20 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_stats_table(rows))
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, results/metrics paths that are inputs or files eval did not write."""
+    from atssdet.evaluation.checkpoints import plan_checkpoints
+    from atssdet.evaluation.report import COMMAND, metrics_path_for
+    from atssdet.guard import OutputGuard
+
+    runs = plan_checkpoints(
+        args.weights, args.model, out=args.out, start_epoch=args.start_epoch, end_epoch=args.end_epoch
+    )
+    outputs = []
+    for label, _ in runs:
+        results = args.out.replace("{name}", label)
+        outputs += [results, metrics_path_for(results)]
+    inputs = [args.data, *(path for _, path in runs if path is not None)]
+    OutputGuard(COMMAND, inputs=inputs, overwrite=getattr(args, "overwrite", False)).check(outputs)

@@ -24,6 +24,9 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
     p.add_argument("--out", required=True, help="output file, written atomically")
     p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file that export did not write"
+    )
+    p.add_argument(
         "--dynamic",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -48,12 +51,16 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atssdet.export import export_onnx
+    from atssdet.export import COMMAND, export_onnx
+    from atssdet.guard import OutputGuard
     from atssdet.loader import load
     from atssdet.runtime.ort_runner import onnx_signature
 
     if args.model is None and args.weights is None:
         raise ValueError("give --model NAME and/or --weights FILE")
+    overwrite = getattr(args, "overwrite", False)
+    inputs = [args.weights] if args.weights else []
+    OutputGuard(COMMAND, inputs=inputs, overwrite=overwrite).check([args.out])  # before the model loads
     model = load(args.model, weights=args.weights, pretrained=args.weights is None)
     # Exported on CPU: the graph does not depend on the device it was traced on.
     example_hw = tuple(args.input_hw) if args.input_hw else ((213, 160) if args.dynamic else (800, 1333))
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         dynamic=args.dynamic,
         example_hw=example_hw,
         model_name=args.model,
+        overwrite=overwrite,
         **given(
             args,
             "with_nms",

@@ -47,6 +47,11 @@ def add_parser(sub: SubParsers) -> None:
         "--out", default="runs/predict", metavar="DIR", help="output folder (default: %(default)s)"
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing files in --out that predict did not write (never the inputs)",
+    )
+    p.add_argument(
         "--batch-size", type=int, metavar="N", help="images per forward pass (default: 1 on CPU, 4 on GPU)"
     )
     p.add_argument(
@@ -99,27 +104,28 @@ def run(args: argparse.Namespace) -> int:
 
     # Unreadable files are reported once, below, rather than also by the library's warnings.
     logging.getLogger("atssdet.detector").setLevel(logging.ERROR)
-    loading = given(args, "device", "short_size", "max_size", "numerics")
-    if args.weights is not None:
-        detector = Detector.from_checkpoint(args.weights, model=args.model, **loading)
-    elif args.model is not None:
-        detector = Detector.from_pretrained(args.model, **loading)
-    else:
+    if args.weights is None and args.model is None:
         raise ValueError("give --model NAME (official weights) or --weights FILE")
     if args.coco_annotations is not None and not args.coco:
         raise ValueError("--coco-annotations only makes sense with --coco")
-    classes = parse_classes(getattr(args, "classes", None), detector.cfg.class_names)
     files, unexpanded = expand_inputs(args.paths)
     videos = [f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
     if videos and args.coco:
         raise ValueError(f"--coco is for images; {videos[0]} is a video (videos write JSON lines per frame)")
+    readable = _check_outputs(args, files, videos)  # before the model loads; unopenable videos are skipped
+    loading = given(args, "device", "short_size", "max_size", "numerics")
+    if args.weights is not None:
+        detector = Detector.from_checkpoint(args.weights, model=args.model, **loading)
+    else:
+        detector = Detector.from_pretrained(args.model, **loading)
+    classes = parse_classes(getattr(args, "classes", None), detector.cfg.class_names)
     options: dict[str, Any] = {
         "detector": detector,
         "out_dir": args.out,
         "options": detector.options.replace(**changes, classes=classes),
-        **given(args, "batch_size", "draw", "draw_threshold", "progress"),
+        **given(args, "batch_size", "draw", "draw_threshold", "progress", "overwrite"),
     }
-    done = _predict_videos(videos, options)
+    done = _predict_videos(readable, options)
     if videos:
         for _, reason in unexpanded:
             print(f"atssdet predict: skipped {reason}", file=sys.stderr)
@@ -133,6 +139,34 @@ def run(args: argparse.Namespace) -> int:
     for _, reason in report.failed:  # each reason starts with the file name
         print(f"atssdet predict: skipped {reason}", file=sys.stderr)
     return 0 if report.num_ok + done > 0 else 1
+
+
+def _check_outputs(args: argparse.Namespace, files: list[str], videos: list[str]) -> list[str]:
+    """Refuse (:class:`~atssdet.guard.OutputGuard`, one message for all) what this command must not
+    write, before any work; returns the videos that open (the others are reported and skipped)."""
+    from atssdet.guard import OutputGuard
+    from atssdet.predict import COMMAND, plan_outputs
+    from atssdet.video import plan_video
+
+    draw = getattr(args, "draw", True)
+    outputs: list[Path] = []
+    readable: list[str] = []
+    for video in videos:
+        try:
+            outputs += plan_video(video, args.out, draw=draw)
+        except ValueError as exc:
+            print(f"atssdet predict: skipped {exc}", file=sys.stderr)
+            continue
+        readable.append(video)
+    images = [f for f in files if f not in set(videos)] if videos else args.paths
+    plan = plan_outputs(
+        images, out_dir=args.out, draw=draw, coco=args.coco, coco_annotations=args.coco_annotations
+    )
+    if images or not videos:
+        outputs += plan.outputs
+    inputs = [*files, *plan.inputs, *([args.weights] if args.weights else [])]
+    OutputGuard(COMMAND, inputs=inputs, overwrite=getattr(args, "overwrite", False)).check(outputs)
+    return readable
 
 
 def _predict_videos(videos: list[str], options: dict[str, Any]) -> int:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _PASSED = (
     "batch_size", "max_iters", "resume", "amp", "device", "init_backbone", "finetune", "checkpoint_every",
     "keep_checkpoints", "eval_every", "num_workers", "seed", "log_every", "progress", "max_bad_images",
-    "data_check", "dist_timeout", "allow_layout_change",
+    "data_check", "dist_timeout", "allow_layout_change", "overwrite",
 )  # fmt: skip
 
 
@@ -68,6 +68,9 @@ def add_parser(sub: SubParsers) -> None:
         action="store_true",
         help="resume a checkpoint written with another processes x batch layout: continue at the same "
         "number of images seen, lr of the new global batch (data order then differs)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start a new run in an --out holding another run's files"
     )
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     add_device_flag(p, "cpu, cuda, cuda:1 ... (default: cuda if available; per LOCAL_RANK under torchrun)")

@@ -35,6 +35,7 @@ from atssdet.data.coco_records import CocoFile, DatasetError, ImageRecord, Probl
 from atssdet.data.coco_schema import SCHEMA_PROBLEMS, read_coco_file
 from atssdet.data.image_io import ImageReadError, read_image
 from atssdet.fileio import atomic_write_json
+from atssdet.guard import OutputGuard
 
 # Problems of the files and of the split as a whole; the schema's are about the JSON alone.
 _SPLIT_PROBLEMS: dict[str, tuple[Severity, str]] = {
@@ -269,6 +270,16 @@ def _read_one(root: Path, entry: ImageRecord) -> tuple[str, str] | None:
     return None
 
 
-def write_report_json(report: CheckReport, path: str | os.PathLike[str]) -> Path:
-    """Write ``report.to_dict()`` atomically (temp file in the same folder, then rename)."""
-    return atomic_write_json(path, report.to_dict(), indent=1)
+COMMAND = "data check"  # the written-by mark of its --json report
+
+
+def report_guard(ann_file: str | os.PathLike[str], *, overwrite: bool = False) -> OutputGuard:
+    """The output guard of ``data check`` (its input: the annotation file)."""
+    return OutputGuard(COMMAND, inputs=[ann_file], overwrite=overwrite)
+
+
+def write_report_json(report: CheckReport, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``report.to_dict()`` atomically (temp file in the same folder, then rename); refuses to
+    replace the checked annotation file, or a file ``data check`` did not write unless ``overwrite``."""
+    report_guard(report.ann_file, overwrite=overwrite).check([path])
+    return atomic_write_json(path, report.to_dict(), indent=1, mark=COMMAND)

@@ -34,9 +34,11 @@ import numpy as np
 # One definition of the class names, shared with the demo presets in atssdet.config.
 from atssdet.config import SHAPE_CLASSES as SHAPE_CLASSES
 from atssdet.fileio import atomic_write_bytes
+from atssdet.guard import OutputGuard
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "synth_manifest.json"
+COMMAND = "data synth"  # the written-by mark of its files
 MAX_HIDDEN_FRACTION = 0.7
 MIN_OBJECT_SIZE = 12
 SPLITS = ("train", "val")
@@ -346,12 +348,14 @@ def generate_synthetic_dataset(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> SynthDataset:
     """Write the synthetic dataset to ``out_dir`` (or reuse it when complete with the same parameters).
 
     ``image_size`` = (min, max) side in pixels; each image draws its height and width from it.
     ``image_format``: "png" (lossless, default) or "jpg" (quality 95, about 4x smaller files).
-    Existing files of another parameter set are replaced only with ``force=True``.
+    Existing files of another parameter set are replaced only with ``force=True``; files of these
+    names that ``data synth`` did not write only with ``overwrite=True`` (:mod:`atssdet.guard`).
     """
     lo, hi = image_size
     if num_train < 0 or num_val < 0:
@@ -375,6 +379,11 @@ def generate_synthetic_dataset(
             f"{root} holds a synthetic dataset with other parameters ({manifest}); "
             "choose another --out or pass --force to regenerate it"
         )
+    guard = OutputGuard(COMMAND, overwrite=overwrite)
+    guard.check([manifest, *(paths[f"{sp}_ann"] for sp in ("train", "val"))] + [
+        paths[f"{sp}_images"] / _image_name(sp, i, image_format)
+        for sp, count in (("train", num_train), ("val", num_val)) for i in range(count)
+    ])  # fmt: skip
     manifest.unlink(missing_ok=True)
 
     from tqdm import tqdm
@@ -395,7 +404,7 @@ def generate_synthetic_dataset(
             ok, encoded = cv2.imencode(f".{image_format}", image, encode_params)
             if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
                 raise RuntimeError(f"cannot encode {name}")
-            atomic_write_bytes(image_dir / name, encoded.tobytes())
+            atomic_write_bytes(image_dir / name, encoded.tobytes(), mark=COMMAND)
             images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
             for obj in objects:
                 x1, y1, x2, y2 = obj["bbox_xyxy"]
@@ -410,17 +419,20 @@ def generate_synthetic_dataset(
                     }
                 )
         keep = {_image_name(split, i, image_format) for i in range(count)}
-        for stale in image_dir.iterdir():  # leftovers of a larger earlier run
+        for stale in image_dir.iterdir():  # leftovers of a larger earlier run (never the user's files)
             if re.fullmatch(rf"{split}_\d{{6}}\.(png|jpg)", stale.name) and stale.name not in keep:
-                stale.unlink()
+                if guard.may_delete(stale):
+                    stale.unlink()
         coco = {
             "info": {"description": f"atssdet synthetic shapes ({split})", "version": str(GENERATOR_VERSION)},
             "images": images,
             "annotations": annotations,
             "categories": categories,
         }
-        atomic_write_bytes(paths[f"{split}_ann"], json.dumps(coco, separators=(",", ":")).encode())
+        atomic_write_bytes(
+            paths[f"{split}_ann"], json.dumps(coco, separators=(",", ":")).encode(), mark=COMMAND
+        )
         log(f"wrote {count} {split} images, {len(annotations)} boxes -> {paths[f'{split}_ann']}")
     record = {"generator": "atssdet.data.synth", "params": asdict(params), "class_names": list(SHAPE_CLASSES)}
-    atomic_write_bytes(manifest, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(manifest, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), mark=COMMAND)
     return result

@@ -10,6 +10,8 @@ from typing import Any
 
 from atssdet.fileio import atomic_write_json
 
+COMMAND = "eval"  # the written-by mark of the results and metrics files (atssdet.guard)
+
 
 @dataclass
 class EvalReport:
@@ -55,10 +57,11 @@ def write_eval_files(
     metrics: dict[str, Any],
 ) -> None:
     """Write the COCO results list to ``out`` (``COCO.loadRes`` reads it unchanged) and the metrics
-    JSON next to it (:func:`metrics_path_for`: the report plus ``metrics``), both atomically;
-    ``report`` gets the two paths."""
-    results_path = atomic_write_json(out, results)
+    JSON next to it (:func:`metrics_path_for`: the report plus ``metrics``), both atomically and
+    marked as ``eval``'s (the command checks them with :func:`atssdet.guard.OutputGuard` before it
+    starts); ``report`` gets the two paths."""
+    results_path = atomic_write_json(out, results, mark=COMMAND)
     metrics_path = metrics_path_for(results_path)
     report.results_path = str(results_path)
     report.metrics_path = str(metrics_path)
-    atomic_write_json(metrics_path, json_safe({**report.to_dict(), **metrics}))
+    atomic_write_json(metrics_path, json_safe({**report.to_dict(), **metrics}), mark=COMMAND)

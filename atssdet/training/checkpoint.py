@@ -3,7 +3,9 @@
 ``out_dir/iter_XXXXXXXX.pt`` (a ``torch.save`` dict, see :meth:`Checkpointer.state`) plus
 ``out_dir/last.pt``, a hard link to the newest. Every file goes through :mod:`atssdet.fileio` (temp
 file, fsync, rename, folder fsync), so a crash at any moment leaves every earlier checkpoint intact;
-a killed run's temp files (``.*.tmp``) are removed when the next run starts.
+a killed run's temp files are removed when the next run starts (:func:`prepare_out_dir`: atssdet's
+own temp names only). Which run a folder and its checkpoints belong to is
+:mod:`atssdet.training.ownership`'s (``state["run_id"]``).
 
 A resume restores the model, optimizer, iteration (hence the learning rate and the data stream),
 GradScaler and every rank's RNG states, so the resumed run computes the losses of an uninterrupted
@@ -19,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,8 +30,11 @@ from torch import nn
 from atssdet import distributed
 from atssdet.config import ATSSConfig, training_differences
 from atssdet.convert import CheckpointError, save_safetensors
-from atssdet.fileio import atomic_link, atomic_path
+from atssdet.fileio import atomic_link, atomic_path, temp_target
 from atssdet.training.schedule import learning_rate
+
+if TYPE_CHECKING:
+    from atssdet.training.ownership import RunFolder
 
 CHECKPOINT_FORMAT = "atssdet-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -58,11 +63,15 @@ def list_checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def prepare_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and remove the temp files (``.*.tmp``) of a run killed mid-write."""
+def prepare_out_dir(out_dir: Path, *, also: tuple[str, ...] = ()) -> None:
+    """Create ``out_dir`` and remove the temp files of a run killed mid-write: only the temp names
+    :mod:`atssdet.fileio` gives the files training writes (and ``also``), never the user's ``.*.tmp``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    ours = {LAST_NAME, FINAL_WEIGHTS_NAME, *also}
+    for stale in out_dir.iterdir():
+        name = temp_target(stale)
+        if name is not None and stale.name.endswith(".tmp") and (name in ours or _CKPT_RE.match(name)):
+            stale.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
@@ -91,18 +100,25 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-def find_resume_checkpoint(out_dir: str | os.PathLike[str]) -> tuple[Path | None, list[str]]:
+def find_resume_checkpoint(
+    out_dir: str | os.PathLike[str], *, run: RunFolder | None = None
+) -> tuple[Path | None, list[str]]:
     """The newest checkpoint in ``out_dir`` that loads cleanly, and why newer ones were passed over.
 
-    ``iter_*.pt`` are tried newest first, then ``last.pt``. Returns ``(None, reasons)`` when none loads.
+    ``iter_*.pt`` are tried newest first, then ``last.pt``; with ``run`` only that run's checkpoints
+    (where the folder records them). Returns ``(None, reasons)`` when none loads.
     """
     reasons: list[str] = []
     last = Path(out_dir) / LAST_NAME
-    for path in [*list_checkpoints(out_dir), *([last] if last.is_file() else [])]:
+    own = run.own_checkpoints() if run is not None else None
+    for path in own if own is not None else [*list_checkpoints(out_dir), *([last] if last.is_file() else [])]:
         try:
-            load_checkpoint(path)
+            state = load_checkpoint(path)
         except CheckpointError as exc:
             reasons.append(str(exc))
+            continue
+        if run is not None and (foreign := run.not_ours(path, state)):
+            reasons.append(foreign)
             continue
         return path, reasons
     return None, reasons
@@ -174,10 +190,12 @@ class Checkpointer:
     """Writes the checkpoints of one run: rank 0 writes, every rank joins the RNG gather and the barrier."""
 
     def __init__(
-        self, out_dir: Path, cfg: ATSSConfig, *, batch_size: int, seed: int, keep: int | None
-    ) -> None:
+        self, out_dir: Path, cfg: ATSSConfig, *, batch_size: int, seed: int, keep: int | None,
+        run: RunFolder | None = None,
+    ) -> None:  # fmt: skip
         self.out_dir, self.cfg, self.batch_size, self.seed, self.keep = out_dir, cfg, batch_size, seed, keep
         self.world_size = distributed.get_world_size()
+        self.run = run  # the folder's owner: run id, and which checkpoints pruning may delete
 
     def state(self, iteration: int, run: TrainingState, rng: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict; ``rng`` holds every rank's :func:`rng_state`, in rank order."""
@@ -201,6 +219,7 @@ class Checkpointer:
             "seed": self.seed,
             "skipped_images": list(run.skipped_images),
             "bad_images_total": run.bad_images_total,
+            "run_id": self.run.run_id if self.run is not None else None,
         }
 
     def save(self, iteration: int, run: TrainingState) -> Path:
@@ -209,9 +228,13 @@ class Checkpointer:
         rng = distributed.all_gather_object(rng_state())
         path = checkpoint_path(self.out_dir, iteration)
         if distributed.is_main_process():
+            if self.run is not None:
+                self.run.add_checkpoint(path)
             save_checkpoint(self.state(iteration, run, rng), path)
             atomic_link(path, self.out_dir / LAST_NAME, sync_dir=True)
-            if self.keep is not None:
+            if self.keep is not None and self.run is not None:
+                self.run.prune(self.keep, newest=path)  # only this run's checkpoints, never the newest
+            elif self.keep is not None:
                 for old in list_checkpoints(self.out_dir)[max(1, self.keep) :]:
                     old.unlink(missing_ok=True)
         distributed.barrier()
@@ -254,10 +277,12 @@ def open_resume(
     *,
     batch_size: int,
     allow_layout_change: bool,
+    run: RunFolder | None = None,
 ) -> Resume | None:
     """Load and check the checkpoint ``resume`` names (a path, or ``"auto"``: the newest usable one in
-    ``out_dir``; None when there is none). Raises ValueError when it would not continue this run."""
-    path = Path(resume) if str(resume) != "auto" else _find_auto(out_dir)
+    ``out_dir``, of the folder's ``run`` if given; None when there is none). Raises ValueError when
+    it would not continue this run."""
+    path = Path(resume) if str(resume) != "auto" else _find_auto(out_dir, run)
     if path is None:
         return None
     state = load_checkpoint(path)
@@ -288,11 +313,11 @@ def open_resume(
     return Resume(path, state, start, saved, layout_changed=True)
 
 
-def _find_auto(out_dir: Path) -> Path | None:
+def _find_auto(out_dir: Path, run: RunFolder | None = None) -> Path | None:
     """``--resume auto``: rank 0 picks the newest usable checkpoint (saying what it passed over)."""
     found: tuple[Path | None, list[str]] = (None, [])
     if distributed.is_main_process():
-        found = find_resume_checkpoint(out_dir)
+        found = find_resume_checkpoint(out_dir, run=run)
         for reason in found[1]:
             print(f"atssdet train: skipping unusable checkpoint: {reason}", file=sys.stderr)
         if found[0] is None:

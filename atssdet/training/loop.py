@@ -38,19 +38,20 @@ from atssdet.training.checkpoint import (
     Resume,
     TrainingState,
     open_resume,
-    prepare_out_dir,
     restore,
     save_final_weights,
     seed_everything,
 )
 from atssdet.training.data import check_training_data, training_dataset
 from atssdet.training.log import LOG_NAME, TrainLog, start_record
+from atssdet.training.ownership import claim_run_folder, releases_run_folders
 from atssdet.training.result import TrainingError, TrainResult
 from atssdet.training.schedule import build_optimizer, learning_rate, set_learning_rate, total_iterations
 from atssdet.training.step import train_step
 from atssdet.training.weights import init_weights
 
 
+@releases_run_folders  # the lock on out_dir is held until train() returns or raises
 def train(
     cfg: ATSSConfig,
     *,
@@ -77,6 +78,7 @@ def train(
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
     data_check: str = "full",
     allow_layout_change: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train an ATSS detector on a COCO-format split; see the module docstring for the recipe.
 
@@ -96,6 +98,8 @@ def train(
             8 GPUs -> 4): training continues at the same number of images seen (iteration
             ``saved_iteration * saved_global_batch // global_batch``) with the lr of the new global
             batch; the data order then differs from an uninterrupted run.
+        overwrite: start a new run in an ``out_dir`` that holds another run's checkpoints or final
+            weights (refused otherwise, unless ``resume``); see :mod:`~atssdet.training.ownership`.
         amp: mixed precision (CUDA only): autocast float16 forward, float32 losses, GradScaler.
         device: default ``cuda`` if available (``cuda:LOCAL_RANK`` under torchrun), else ``cpu``.
         init_backbone: ImageNet ResNet weights (torchvision ``.pth`` or MegEngine ``.pkl``).
@@ -121,15 +125,15 @@ def train(
     info = distributed.init_distributed(device=device, timeout=dist_timeout)
     dev = _training_device(cfg, device, amp=amp)
     world, global_batch, out = info.world_size, batch_size * info.world_size, Path(out_dir)
-    if info.is_main:
-        prepare_out_dir(out)
+    owner = claim_run_folder(out, resume=resume, overwrite=overwrite)  # one run per folder; its temp files
     check_training_data(train_ann, train_images, mode=data_check, progress=progress)
     dataset, cfg = training_dataset(cfg, train_ann, train_images)
     resumed = None
     if resume is not None:
         resumed = open_resume(
-            resume, out, cfg, batch_size=batch_size, allow_layout_change=allow_layout_change
+            resume, out, cfg, batch_size=batch_size, allow_layout_change=allow_layout_change, run=owner
         )
+    owner.begin(resumed, overwrite=overwrite)  # the run id: the resumed checkpoint's, or a new one
     seed = resumed.seed if resumed is not None and resumed.seed is not None else seed
     run = _training_state(cfg, resumed, seed=seed, device=dev, global_batch=global_batch, amp=amp,
                           init_backbone=init_backbone, finetune=finetune)  # fmt: skip
@@ -150,7 +154,7 @@ def train(
         start_iteration=start, iteration=start, losses=[], checkpoint=resumed.path if resumed else None,
         weights=None, skipped_images=run.skipped_images, config=cfg,
     )  # fmt: skip
-    checkpointer = Checkpointer(out, cfg, batch_size=batch_size, seed=seed, keep=keep_checkpoints)
+    checkpointer = Checkpointer(out, cfg, batch_size=batch_size, seed=seed, keep=keep_checkpoints, run=owner)
     log = TrainLog(
         out / LOG_NAME if info.is_main else None, start=start, end=end, log_every=log_every or cfg.log_interval,
         progress=progress, device=dev,
