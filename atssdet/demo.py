@@ -6,13 +6,18 @@
    reuses it when it is already there with the same parameters;
 2. trains the ``atss_demo_cpu`` preset (:data:`atssdet.config.DEMO_PRESETS`) with
    :func:`atssdet.training.train` (progress bar with ETA, validation mAP along the way), unless
-   ``out_dir/model.safetensors`` already holds a model trained with the same config and plan;
+   ``out_dir/model.safetensors`` already holds a model trained with the same config and plan.
+   Training checkpoints into ``out_dir/train`` as it goes (:mod:`atssdet.demo_training`); a re-run
+   after an interruption continues from the last checkpoint (``--resume auto``) and ends with the
+   model, history and metrics of an uninterrupted run;
 3. evaluates COCO mAP on the val split (:func:`atssdet.evaluation.evaluate`);
 4. detects objects on held-out val images and draws them;
 5. plots training loss and val mAP over the iterations.
 
 Everything lands in ``out_dir`` (see :class:`DemoResult`); ``model.safetensors`` carries its config,
-so ``python -m atssdet predict --weights out_dir/model.safetensors IMAGE`` works on it.
+so ``python -m atssdet predict --weights out_dir/model.safetensors IMAGE`` works on it. Existing files
+of those names that the demo did not write are refused before it starts unless ``overwrite``
+(:mod:`atssdet.guard`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,14 @@ import numpy as np
 import torch
 
 from atssdet.config import DEMO_PRESETS, ATSSConfig, with_overrides
-from atssdet.criterion import LOSS_KEYS
 from atssdet.data.image_io import read_image
 from atssdet.data.synth import SynthDataset, generate_synthetic_dataset
-from atssdet.demo_plots import draw_enlarged, make_grid, plot_history, write_image
+from atssdet.demo_plots import COMMAND, draw_enlarged, make_grid, plot_history, write_image
+from atssdet.demo_training import same_demo, train_demo
+from atssdet.evaluation.report import COMMAND as EVAL_COMMAND
+from atssdet.evaluation.report import metrics_path_for
 from atssdet.fileio import atomic_copy, atomic_write_json
+from atssdet.guard import OutputGuard
 
 DEMO_MODEL = "atss_demo_cpu"
 CHECKPOINT_NAME = "model.safetensors"
@@ -43,6 +49,8 @@ HISTORY_NAME = "history.json"
 PLOT_NAME = "training.png"
 PREDICTIONS_DIR = "predictions"
 GRID_NAME = "detections.png"
+VAL_RESULTS_NAME = "val_results.json"
+TRAIN_DIR = "train"
 DRAW_SCORE_THRESHOLD = 0.35  # drawn pictures only
 DRAW_NMS = 0.5  # drawn pictures only: class-agnostic
 
@@ -137,7 +145,7 @@ def checkpoint_matches(path: Path, cfg: ATSSConfig) -> bool:
         saved = read_checkpoint_config(path)
     except (CheckpointError, ValueError, TypeError):
         return False
-    return saved is not None and saved == cfg and saved.extra.get("demo") == cfg.extra.get("demo")
+    return saved is not None and same_demo(saved, cfg)
 
 
 def choose_threads(requested: int | None) -> int:
@@ -173,8 +181,10 @@ def run_demo(
     threads: int | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> DemoResult:
-    """Generate (or reuse) the dataset, train (or reuse) the model, evaluate, draw, plot; see the module docstring.
+    """Generate (or reuse) the dataset, train (or reuse or continue) the model, evaluate, draw, plot;
+    see the module docstring.
 
     Args:
         out_dir: output folder (created).
@@ -184,6 +194,7 @@ def run_demo(
         threads: torch CPU threads (default: :func:`choose_threads`).
         num_workers: DataLoader worker processes for training (0: load in the main process).
         progress: progress bars.
+        overwrite: replace files in ``out_dir`` that the demo did not write (refused otherwise).
     """
     from atssdet.distributed import resolve_device
 
@@ -192,16 +203,24 @@ def run_demo(
     if dev.type == "cpu":
         torch.set_num_threads(choose_threads(threads))
     try:
-        return _run_demo(Path(out_dir), plan, retrain, dev, num_workers, progress)
+        return _run_demo(Path(out_dir), plan, retrain, dev, num_workers, progress, overwrite)
     finally:  # a library call must not leave the process single-threaded
         torch.set_num_threads(previous_threads)
 
 
 def _run_demo(
-    out: Path, plan: DemoPlan, retrain: bool, dev: torch.device, num_workers: int, progress: bool
+    out: Path,
+    plan: DemoPlan,
+    retrain: bool,
+    dev: torch.device,
+    num_workers: int,
+    progress: bool,
+    overwrite: bool,
 ) -> DemoResult:
-    out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(plan)
+    guard = OutputGuard(COMMAND, overwrite=overwrite, replaces=frozenset({EVAL_COMMAND}))
+    guard.check([out / METRICS_NAME])  # OUT not a file, before the dataset is written; the rest below
+    out.mkdir(parents=True, exist_ok=True)
 
     def say(msg: str) -> None:
         print(f"atssdet demo: {msg}", flush=True)
@@ -215,6 +234,7 @@ def _run_demo(
         image_size=plan.image_size,
         force=True,
         progress=progress,
+        overwrite=overwrite,
     )
     if dataset.skipped:
         say(f"reusing the dataset in {dataset.root}")
@@ -223,9 +243,20 @@ def _run_demo(
     checkpoint = out / CHECKPOINT_NAME
     history_path = out / HISTORY_NAME
     trained = retrain or not checkpoint_matches(checkpoint, cfg) or not history_path.is_file()
+    val_results = out / VAL_RESULTS_NAME
+    outputs = [out / n for n in (METRICS_NAME, PLOT_NAME, GRID_NAME)] + [
+        val_results,
+        metrics_path_for(val_results),
+    ]
+    drawn = [out / PREDICTIONS_DIR / f"{f.stem}.png" for f in _predicted_files(dataset, plan.num_predict)]
+    guard.check([*outputs, *drawn, *([checkpoint, history_path] if trained else [])])
     train_seconds: float | None = None
     if trained:
-        history, train_seconds = _train(cfg, plan, dataset, out, dev, num_workers, progress, say)
+        history, train_seconds, weights = train_demo(
+            cfg, plan, dataset, out / TRAIN_DIR, dev, name=DEMO_MODEL, num_workers=num_workers,
+            progress=progress, say=say, retrain=retrain, overwrite=overwrite,
+        )  # fmt: skip
+        atomic_copy(weights, checkpoint, mark=COMMAND)
         write_json(history, history_path)
     else:
         say(f"reusing the trained model {checkpoint} (same config; --retrain to train again)")
@@ -243,7 +274,7 @@ def _run_demo(
         dataset.val_images,
         batch_size=plan.batch_size,
         device=dev,
-        out=out / "val_results.json",
+        out=val_results,
         num_workers=1,
         progress=progress,
     )
@@ -263,7 +294,7 @@ def _run_demo(
     metrics_path = write_json(metrics, out / METRICS_NAME)
 
     # 4. detections on held-out images
-    predictions, grid = _draw_predictions(checkpoint, dataset, plan.num_predict, out, dev)
+    predictions, grid = _draw_predictions(checkpoint, dataset, plan.num_predict, out, dev, guard)
 
     # 5. the plot
     minutes = history.get("train_seconds")
@@ -293,70 +324,18 @@ def write_json(obj: Any, path: Path) -> Path:
     """``obj`` as indented JSON (NaN/inf become null), written atomically."""
     from atssdet.evaluation.report import json_safe
 
-    return atomic_write_json(path, json_safe(obj), indent=1)
+    return atomic_write_json(path, json_safe(obj), indent=1, mark=COMMAND)
 
 
-def _train(
-    cfg: ATSSConfig,
-    plan: DemoPlan,
-    dataset: SynthDataset,
-    out: Path,
-    dev: torch.device,
-    num_workers: int,
-    progress: bool,
-    say: Any,
-) -> tuple[dict[str, Any], float]:
-    """Train from scratch into ``out/train``; copy the final weights to ``out/model.safetensors``."""
-    from atssdet.training import train
-    from atssdet.training.schedule import total_iterations
+def _predicted_files(dataset: SynthDataset, count: int) -> list[Path]:
+    """The first ``count`` val images (never trained on), which the demo draws."""
+    from atssdet.data.coco_schema import load_coco_file
 
-    train_dir = out / "train"
-    if train_dir.exists():
-        shutil.rmtree(train_dir)  # a fresh run: old checkpoints would belong to another config
-    iters = total_iterations(cfg, plan.batch_size)
-    say(
-        f"training {DEMO_MODEL} from scratch: {iters} iterations of {plan.batch_size} images on {dev} "
-        f"({torch.get_num_threads()} thread(s))"
-    )
-    t0 = time.perf_counter()
-    result = train(
-        cfg,
-        train_ann=dataset.train_ann,
-        train_images=dataset.train_images,
-        out_dir=train_dir,
-        val_ann=dataset.val_ann,
-        val_images=dataset.val_images,
-        batch_size=plan.batch_size,
-        max_iters=iters,
-        device=dev,
-        checkpoint_every=iters,
-        keep_checkpoints=1,
-        eval_every=plan.eval_every,
-        num_workers=num_workers,
-        seed=plan.seed,
-        progress=progress,
-        data_check="quick",  # the generator just wrote (or verified) every file; no need to decode all
-    )
-    seconds = time.perf_counter() - t0
-    if result.weights is None or not result.weights.is_file():
-        raise RuntimeError(f"training stopped before its end (iteration {result.iteration} of {iters})")
-    atomic_copy(result.weights, out / CHECKPOINT_NAME)
-    say(f"trained in {seconds / 60:.1f} min")
-    history: dict[str, Any] = {
-        "iteration": [r["iteration"] for r in result.losses],
-        "lr": [r["lr"] for r in result.losses],
-        "evals": [{"iteration": e["iteration"], "stats": e["stats"]} for e in result.evals],
-        "train_seconds": seconds,
-        "device": str(dev),
-        "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
-    }
-    for key in LOSS_KEYS:
-        history[key] = [r[key] for r in result.losses]
-    return history, seconds
+    return [dataset.val_images / r.file_name for r in load_coco_file(dataset.val_ann).sorted_images()[:count]]
 
 
 def _draw_predictions(
-    checkpoint: Path, dataset: SynthDataset, count: int, out: Path, dev: torch.device
+    checkpoint: Path, dataset: SynthDataset, count: int, out: Path, dev: torch.device, guard: OutputGuard
 ) -> tuple[list[Path], Path]:
     """``predict`` on the first ``count`` val images (never trained on); write each drawn image and a grid.
 
@@ -364,17 +343,15 @@ def _draw_predictions(
     :data:`DRAW_SCORE_THRESHOLD`, so each object shows its best label once. The COCO evaluation
     uses the config's per-class NMS and 0.05 threshold, as MegEngine does.
     """
-    from atssdet.data.coco_schema import load_coco_file
     from atssdet.detector import Detector
 
     detector = Detector.from_checkpoint(checkpoint, device=dev)
     folder = out / PREDICTIONS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.png"):
-        stale.unlink()
-    files = [
-        dataset.val_images / r.file_name for r in load_coco_file(dataset.val_ann).sorted_images()[:count]
-    ]
+    for stale in folder.glob("*.png"):  # an earlier demo's drawings; never the user's files
+        if guard.may_delete(stale):
+            stale.unlink()
+    files = _predicted_files(dataset, count)
     options = detector.options.replace(
         score_threshold=DRAW_SCORE_THRESHOLD, nms_threshold=DRAW_NMS, class_agnostic=True
     )

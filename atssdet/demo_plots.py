@@ -14,13 +14,15 @@ import numpy as np
 from atssdet.criterion import LOSS_KEYS
 from atssdet.fileio import atomic_path, atomic_write_bytes
 
+COMMAND = "demo"  # the written-by mark of the demo's files (atssdet.guard)
+
 
 def write_image(path: Path, image: np.ndarray) -> Path:
     """Encode BGR uint8 ``image`` by the suffix of ``path`` and write it atomically."""
     ok, buf = cv2.imencode(path.suffix, image)
     if not ok:
         raise ValueError(f"{path}: cv2 cannot encode an image as {path.suffix!r}")
-    atomic_write_bytes(path, buf.tobytes())
+    atomic_write_bytes(path, buf.tobytes(), mark=COMMAND)
     return path
 
 
@@ -77,7 +79,7 @@ def plot_history(history: dict[str, Any], path: Path, *, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     try:
-        with atomic_path(path, suffix=".png") as tmp:
+        with atomic_path(path, suffix=".png", mark=COMMAND) as tmp:
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)

@@ -163,3 +163,77 @@ def test_run_demo_restores_the_thread_count(demo_run) -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_demo_killed_during_training_continues_to_the_same_result(demo_run, tmp_path) -> None:
+    """Issue 14 acceptance 5: the quick demo SIGKILLed during training (after its checkpoint at 3)
+    and re-run continues from that checkpoint and ends with the uninterrupted run's metrics, model
+    and history."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from atssdet.convert import load_safetensors
+    from atssdet.demo import TRAIN_DIR
+    from tests.conftest import REPO_ROOT
+
+    _, reference = demo_run
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["demo", "--quick", "--out", str(out), "--device", "cpu", "--threads", "1", "--no-progress"]
+    # rank 0 (the only process) stalls before its 5th iteration: after the checkpoint of iteration 3
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "faulty_cli.py"), "stall_rank=0:4", *args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    log = out / TRAIN_DIR / "train_log.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while 4 not in _logged_iterations(log):  # iteration 4 done: the process stalls at the 5th
+            assert proc.poll() is None, f"demo exited ({proc.returncode}): {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "timed out waiting for iteration 4"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / CHECKPOINT_NAME).exists() and (out / TRAIN_DIR / "iter_00000003.pt").is_file()
+
+    again = run_cli(*args, env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing the interrupted training" in again.stdout and "from scratch" not in again.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    want = json.loads(reference.metrics.read_text())
+    for key in ("stats", "per_class_ap", "num_images", "num_detections", "iterations"):
+        assert metrics[key] == want[key], key
+    got_weights, _ = load_safetensors(out / CHECKPOINT_NAME)
+    ref_weights, _ = load_safetensors(reference.checkpoint)
+    assert all(torch.equal(got_weights[k], ref_weights[k]) for k in ref_weights)
+    history, ref_history = (
+        json.loads((out / "history.json").read_text()),
+        json.loads(reference.history.read_text()),
+    )
+    for key in ("iteration", "lr", "total_loss", "evals"):
+        assert history[key] == ref_history[key], key
+
+
+def _logged_iterations(log) -> set[int]:
+    """Iterations whose losses ``train_log.jsonl`` holds (nothing while it does not exist)."""
+    if not log.is_file():
+        return set()
+    found = set()
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if "total_loss" in record:
+            found.add(record["iteration"])
+    return found

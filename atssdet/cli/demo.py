@@ -14,10 +14,14 @@ def add_parser(sub: SubParsers) -> None:
         help="offline demo: synthetic data, train a CPU-sized ATSS, evaluate, draw detections",
         description="Generate the synthetic shapes dataset (cached), train the atss_demo_cpu preset from "
         "scratch (reused when OUT already holds a model trained with the same config), evaluate COCO mAP on "
-        "the val split, draw detections on held-out images and plot loss and mAP. Needs no network.",
+        "the val split, draw detections on held-out images and plot loss and mAP. Needs no network. Training "
+        "checkpoints as it goes: a re-run after an interruption continues where it stopped.",
     )
     p.add_argument("--out", default=None, help="output folder (default runs/demo, or runs/demo-quick)")
     p.add_argument("--retrain", action="store_true", help="train again even if a matching model exists")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing files in OUT that the demo did not write"
+    )
     add_device_flag(p)
     p.add_argument(
         "--quick",
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(
         out,
         plan=QUICK_PLAN if args.quick else FULL_PLAN,
-        **given(args, "retrain", "device", "threads", "progress"),
+        **given(args, "retrain", "device", "threads", "progress", "overwrite"),
     )
     print(result.summary())
     return 0
