@@ -33,3 +33,17 @@ def assert_dets_match(
             assert match, f"reference row {r} {ref[r]} has no match in rows {start}..{end - 1}"
             remaining.remove(match[0])
         start = end
+
+
+def snapshot_files(folder) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file below ``folder`` (hidden ones too), for "every file
+    present before the command is byte-identical after it"."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(folder)
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }

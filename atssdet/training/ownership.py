@@ -120,7 +120,9 @@ class RunFolder:
         record = self.record or {}
         if resumed is None:
             if not overwrite:
-                _refuse_other_runs(self.out_dir, "--resume auto found no checkpoint of its run, ")
+                _refuse_other_runs(
+                    self.out_dir, "--resume auto found no usable checkpoint of its run, and the folder "
+                )
             self.run_id, self.checkpoints = uuid.uuid4().hex, []
         else:
             here = resumed.path.parent.resolve() == self.out_dir.resolve()
