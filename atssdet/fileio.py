@@ -213,8 +213,9 @@ class HeldLock:
     """An exclusive ``flock`` on a lock file, held until :meth:`release` or the process ends (the
     kernel drops it when the process dies, even by SIGKILL)."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, *, locked: bool = True) -> None:
         self.path, self._fd = path, fd
+        self.locked = locked  # False where the file system (or OS) has no flock: nothing is excluded
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -227,7 +228,8 @@ def hold_lock(path: str | os.PathLike[str], info: dict[str, Any]) -> HeldLock | 
     ``info`` into it (as JSON, for :func:`read_lock_info`); None when another process holds it.
 
     The lock file is rewritten in place, never replaced: the lock belongs to its inode. Where
-    ``fcntl`` does not exist (Windows) there is no lock and this always succeeds.
+    ``fcntl`` does not exist (Windows) or the file system refuses locks (some network file systems)
+    this succeeds with ``locked=False``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,19 +237,22 @@ def hold_lock(path: str | os.PathLike[str], info: dict[str, Any]) -> HeldLock | 
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        return HeldLock(path, fd)
+        return HeldLock(path, fd, locked=False)
+    locked = True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:  # ENOLCK, EOPNOTSUPP: no locks on this file system
+        locked = False
     except BaseException:
         os.close(fd)
         raise
     data = json.dumps(info).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
-    return HeldLock(path, fd)
+    return HeldLock(path, fd, locked=locked)
 
 
 def read_lock_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:

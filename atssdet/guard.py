@@ -56,8 +56,10 @@ class OutputGuard:
 
     def check(self, outputs: Iterable[str | os.PathLike[str]]) -> None:
         """Raise :class:`OutputError` naming every planned output that must not be written."""
-        inputs = self._input_ids()
-        input_names = {_file_id(Path(p)): str(p) for p in self.inputs if _file_id(Path(p)) is not None}
+        input_names = {
+            ident: str(p) for p in reversed(self.inputs) if (ident := _file_id(Path(p))) is not None
+        }
+        inputs = set(input_names)
         same_as_input: list[str] = []
         not_files: list[str] = []
         foreign: list[str] = []

@@ -447,3 +447,27 @@ def test_temp_names_are_told_from_the_users_files() -> None:
     assert temp_target(".clip.detections.jsonl.x8y7z6w5.jsonl") == "clip.detections.jsonl"
     for user in (".notes.tmp", "notes.abcdefgh.tmp", ".draft.tmp", ".a.b.tmp"):
         assert temp_target(user) is None, user
+
+
+def test_lock_file_excludes_a_second_holder_and_tells_who_holds_it(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import fcntl
+
+    from atssdet.fileio import hold_lock, read_lock_info
+
+    first = hold_lock(tmp_path / ".run.lock", {"pid": 1})
+    assert first is not None and first.locked
+    assert hold_lock(tmp_path / ".run.lock", {"pid": 2}) is None  # another open file: refused at once
+    assert read_lock_info(tmp_path / ".run.lock") == {"pid": 1}
+    first.release()
+    again = hold_lock(tmp_path / ".run.lock", {"pid": 3})
+    assert again is not None and read_lock_info(tmp_path / ".run.lock") == {"pid": 3}
+    again.release()
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # e.g. a network file system without a lock manager
+    unlocked = hold_lock(tmp_path / ".run.lock", {"pid": 4})
+    assert unlocked is not None and not unlocked.locked
+    unlocked.release()

@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -236,6 +237,12 @@ def _claim(out: Path, *, resume: str | os.PathLike[str] | None, overwrite: bool)
     lock = hold_lock(out / LOCK_NAME, holder)
     if lock is None:
         raise RunFolderError(f"{out}: {_busy_message(out / LOCK_NAME)}")
+    if not lock.locked:
+        print(
+            f"atssdet train: warning: {out}: the file system refuses file locks; a second training into "
+            "this folder would not be refused",
+            file=sys.stderr,
+        )
     try:
         if resume is None and not overwrite:
             _refuse_other_runs(out, "")
