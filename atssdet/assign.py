@@ -31,22 +31,30 @@ class ATSSAssignment(NamedTuple):
 
 
 def _nearest_k_indices(distances: Tensor, k: int) -> Tensor:
-    """Indices ``[..., k]`` of the ``k`` smallest ``distances`` ``[..., P]``, ties to the smaller index.
+    """Indices ``[..., k]`` of the ``k`` smallest ``distances`` ``[..., P]``, ascending, ties to the smaller index.
 
     ``torch.topk`` does not say which of equal values it returns. Only a tie across the k-th place
-    changes the chosen *set*, so rows with one (k-th value == (k+1)-th value) are redone with a stable
-    sort; the others keep topk's indices (order inside the set does not matter).
+    changes the chosen *set*: in rows with one (k-th value == (k+1)-th value) the set is every point
+    nearer than the k-th value plus the lowest-index points at that value, ordered by (distance,
+    index) as a stable sort would; the other rows keep topk's indices. Computed for every row with
+    no host read, so that a GPU never waits for the answer to "is there a tie?".
     """
-    if k >= distances.shape[-1]:
-        return torch.arange(distances.shape[-1], device=distances.device).expand(*distances.shape[:-1], -1)
+    p = distances.shape[-1]
+    if k >= p:
+        return torch.arange(p, device=distances.device).expand(*distances.shape[:-1], -1)
     values, indices = distances.topk(k + 1, dim=-1, largest=False, sorted=True)
-    indices = indices[..., :k]
+    kth = values[..., k - 1 : k]  # [..., 1]
     tied = values[..., k - 1] == values[..., k]  # [...]
-    if bool(tied.any()):
-        stable = torch.sort(distances[tied], dim=-1, stable=True).indices[..., :k]
-        indices = indices.clone()
-        indices[tied] = stable
-    return indices
+    nearer = distances < kth  # [..., P]; fewer than k per row
+    at_kth = distances == kth
+    take = nearer | (at_kth & (at_kth.cumsum(-1) <= k - nearer.sum(-1, keepdim=True)))  # k per row
+    # Scatter the k taken indices (in index order) to slots 0..k-1; the others go to slot k, dropped.
+    slot = torch.where(take, take.cumsum(-1) - 1, k)
+    point_idx = torch.arange(p, device=distances.device).expand_as(slot)
+    stable = torch.zeros_like(indices).scatter_(-1, slot, point_idx)[..., :k]
+    order = torch.sort(torch.gather(distances, -1, stable), dim=-1, stable=True).indices
+    stable = torch.gather(stable, -1, order)
+    return torch.where(tied[..., None], stable, indices[..., :k])
 
 
 @torch.no_grad()
