@@ -28,7 +28,6 @@ import atssdet.modeling.atss as atss_mod
 from atssdet.config import PRESETS, with_overrides
 from atssdet.criterion import LOSS_KEYS, atss_loss
 from atssdet.data.collate import collate_detection
-from atssdet.evaluate import ModelRunner
 from atssdet.modeling.atss import ATSS, build_model
 from atssdet.postprocess import dense_scores_and_boxes, select_detections
 from atssdet.predict import Detector
@@ -178,6 +177,8 @@ def test_post_processing_on_the_device():
 
 
 def test_detector_predict_and_the_evaluation_model_step():
+    from atssdet.evaluate import ModelRunner  # pycocotools: not on the GPU machine, whose tests import this module
+
     inputs = images()
     expected = Detector(tiny_model(), device="cpu").predict(inputs, batch_size=2)
     with DeviceGuard() as guard:
