@@ -177,7 +177,9 @@ def test_post_processing_on_the_device():
 
 
 def test_detector_predict_and_the_evaluation_model_step():
-    from atssdet.evaluate import ModelRunner  # pycocotools: not on the GPU machine, whose tests import this module
+    from atssdet.evaluate import (
+        ModelRunner,
+    )  # pycocotools: not on the GPU machine, whose tests import this module
 
     inputs = images()
     expected = Detector(tiny_model(), device="cpu").predict(inputs, batch_size=2)

@@ -27,7 +27,7 @@ from atssdet.training.device import DeviceOptions, cudnn_autotuning, device_opti
 from atssdet.training.log import LOG_NAME
 from tests.test_train import TINY_CFG, make_dataset, run_tiny
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # training runs
 
 
 @pytest.fixture(scope="module")
