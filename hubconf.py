@@ -2,7 +2,7 @@
 
 Each returns an :class:`atssdet.ATSS` in eval mode: ``model(images)`` takes raw float BGR 0-255
 ``[N, 3, H, W]`` and returns dense :class:`atssdet.ATSSOutput`; wrap it in
-``atssdet.predict.Detector(model)`` for detections. ``compat=True`` returns the seed-compatible
+``atssdet.detector.Detector(model)`` for detections. ``compat=True`` returns the seed-compatible
 :class:`atssdet.compat.CompatModel` instead (``model(image=, im_info=)`` as with MegEngine's hub).
 ``pretrained=True`` downloads the official MegEngine weights once (see ``atssdet.download``);
 ``weights=PATH`` loads a local checkpoint instead. ``numerics="megengine"`` makes the head GroupNorm
@@ -20,11 +20,13 @@ dependencies = ["torch", "torchvision", "numpy", "cv2", "safetensors", "tqdm"]
 
 
 def _build(name: str, pretrained: bool, weights: str | None, compat: bool, numerics: str) -> nn.Module:
-    from atssdet.compat import CompatModel
-    from atssdet.zoo import load
+    """The one loader (:func:`atssdet.loader.load`); ``compat`` wraps it as :func:`atssdet.compat.hub_load` does."""
+    from atssdet.compat import hub_load
+    from atssdet.loader import load
 
-    model = load(name, pretrained=pretrained, weights=weights, overrides={"numerics": numerics})
-    return CompatModel(model).eval() if compat else model
+    if compat:
+        return hub_load(name, pretrained, weights, numerics=numerics)
+    return load(name, weights=weights, pretrained=pretrained, overrides={"numerics": numerics})
 
 
 def atss_res18_coco_3x_800size(

@@ -18,12 +18,12 @@ _EXPORTS = {
     "build_model": "atssdet.modeling.atss",
     "ATSSConfig": "atssdet.config",
     "PRESETS": "atssdet.config",
-    "Detections": "atssdet.postprocess",
+    "Detections": "atssdet.structures",
     "postprocess": "atssdet.postprocess",
-    "Detector": "atssdet.predict",
+    "Detector": "atssdet.detector",
     "InferenceOptions": "atssdet.options",
     "ZOO": "atssdet.zoo",
-    "load": "atssdet.zoo",
+    "load": "atssdet.loader",
 }
 
 __all__ = [
@@ -42,11 +42,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from atssdet.config import PRESETS, ATSSConfig
+    from atssdet.detector import Detector
+    from atssdet.loader import load
     from atssdet.modeling.atss import ATSS, ATSSOutput, build_model
     from atssdet.options import InferenceOptions
-    from atssdet.postprocess import Detections, postprocess
-    from atssdet.predict import Detector
-    from atssdet.zoo import ZOO, load
+    from atssdet.postprocess import postprocess
+    from atssdet.structures import Detections
+    from atssdet.zoo import ZOO
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-SIZE_DIVISIBILITY = 32
+from atssdet.modeling.atss import SIZE_DIVISIBILITY
 
 
 def padded_size(h: int, w: int, multiple: int = SIZE_DIVISIBILITY) -> tuple[int, int]:

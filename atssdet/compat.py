@@ -149,9 +149,9 @@ def hub_load(
     its CPU kernel, NCHW, its FrozenBN formula): outputs about 10x closer to MegEngine's, slower. See
     ``ATSSConfig.numerics``.
     """
-    from atssdet.zoo import load
+    from atssdet.loader import load
 
-    model = load(name, pretrained=pretrained, weights=weights, overrides={"numerics": numerics})
+    model = load(name, weights=weights, pretrained=pretrained, overrides={"numerics": numerics})
     return CompatModel(model).eval()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import gzip
 import io
-import json
 import os
 import pickle
 import zlib
@@ -298,9 +297,3 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     state = megengine_to_torch(load_megengine_pickle(src), model, source=str(src))
     model.load_state_dict(state, strict=True)
     return save_safetensors(model.state_dict(), dst, cfg=cfg)
-
-
-def describe(path: str | os.PathLike[str]) -> str:
-    """One JSON line with the tensor count and total values of a MegEngine checkpoint."""
-    arrays = load_megengine_pickle(path)
-    return json.dumps({"tensors": len(arrays), "values": int(sum(a.size for a in arrays.values()))})

@@ -7,7 +7,7 @@
 2. trains the ``atss_demo_cpu`` preset (:data:`atssdet.config.DEMO_PRESETS`) with
    :func:`atssdet.training.train` (progress bar with ETA, validation mAP along the way), unless
    ``out_dir/model.safetensors`` already holds a model trained with the same config and plan;
-3. evaluates COCO mAP on the val split (:func:`atssdet.evaluate.evaluate`);
+3. evaluates COCO mAP on the val split (:func:`atssdet.evaluation.evaluate`);
 4. detects objects on held-out val images and draws them;
 5. plots training loss and val mAP over the iterations.
 
@@ -231,10 +231,10 @@ def _run_demo(
         say(f"reusing the trained model {checkpoint} (same config; --retrain to train again)")
         history = json.loads(history_path.read_text())
 
-    from atssdet.evaluate import evaluate
-    from atssdet.zoo import load_model
+    from atssdet.evaluation import evaluate
+    from atssdet.loader import load
 
-    model = load_model(weights=checkpoint).to(dev)
+    model = load(weights=checkpoint, device=dev)
 
     # 3. COCO mAP on the val split
     report = evaluate(
@@ -291,9 +291,9 @@ def _run_demo(
 
 def write_json(obj: Any, path: Path) -> Path:
     """``obj`` as indented JSON (NaN/inf become null), written atomically."""
-    from atssdet.evaluate import _json_safe
+    from atssdet.evaluation.report import json_safe
 
-    return atomic_write_json(path, _json_safe(obj), indent=1)
+    return atomic_write_json(path, json_safe(obj), indent=1)
 
 
 def _train(
@@ -364,21 +364,21 @@ def _draw_predictions(
     :data:`DRAW_SCORE_THRESHOLD`, so each object shows its best label once. The COCO evaluation
     uses the config's per-class NMS and 0.05 threshold, as MegEngine does.
     """
-    from atssdet.evaluate import image_entries, load_coco
-    from atssdet.predict import Detector
+    from atssdet.data.coco_schema import load_coco_file
+    from atssdet.detector import Detector
 
     detector = Detector.from_checkpoint(checkpoint, device=dev)
     folder = out / PREDICTIONS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):
         stale.unlink()
-    files = [dataset.val_images / e.file_name for e in image_entries(load_coco(dataset.val_ann))[:count]]
-    results = detector.predict(
-        [str(f) for f in files],
-        score_threshold=DRAW_SCORE_THRESHOLD,
-        nms_threshold=DRAW_NMS,
-        class_agnostic=True,
+    files = [
+        dataset.val_images / r.file_name for r in load_coco_file(dataset.val_ann).sorted_images()[:count]
+    ]
+    options = detector.options.replace(
+        score_threshold=DRAW_SCORE_THRESHOLD, nms_threshold=DRAW_NMS, class_agnostic=True
     )
+    results = detector.predict([str(f) for f in files], options=options)
     paths: list[Path] = []
     drawn: list[np.ndarray] = []
     for file, dets in zip(files, results, strict=True):

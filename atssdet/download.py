@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import http.client
 import logging
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from atssdet.convert import CheckpointError, load_megengine_pickle, megengine_to_torch, save_safetensors
-
-if TYPE_CHECKING:
-    from atssdet.zoo import ZooEntry
+from atssdet.fileio import atomic_path
+from atssdet.zoo import ZooEntry, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +37,11 @@ class DownloadError(CheckpointError):
 
 def raw_path(entry: ZooEntry) -> Path:
     """Where the official MegEngine file lives in the cache (also where to put it by hand)."""
-    from atssdet.zoo import cache_dir
-
     return cache_dir() / entry.filename
 
 
 def converted_path(entry: ZooEntry) -> Path:
     """The converted ``<cache>/<name>.safetensors`` that loads use."""
-    from atssdet.zoo import cache_dir
-
     return cache_dir() / f"{entry.name}.safetensors"
 
 
@@ -71,62 +63,55 @@ def _manual_help(entry: ZooEntry) -> str:
     )
 
 
-def download_file(url: str, dst: Path, *, progress: bool = True, timeout: float = _TIMEOUT_S) -> Path:
-    """Download ``url`` to a new temp file beside ``dst`` and return the temp file's path.
-
-    The caller verifies the temp file and renames it; on any failure here the temp file is removed
-    and :class:`DownloadError` raised. A byte count different from ``Content-Length`` (a connection
-    closed early) is an error.
+def download_file(
+    url: str, dst: Path, *, desc: str | None = None, progress: bool = True, timeout: float = _TIMEOUT_S
+) -> None:
+    """Download ``url`` into ``dst`` (a temp file from :func:`atssdet.fileio.atomic_path`: the caller
+    verifies it before it is renamed into place). A failure raises :class:`DownloadError`; a byte
+    count different from ``Content-Length`` (a connection closed early) or an empty body is one.
+    ``desc`` labels the progress bar (default: ``dst``'s name).
     """
     from tqdm import tqdm
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
-    tmp = Path(tmp_name)
     received = 0
     expected: int | None = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            request = urllib.request.Request(url, headers={"User-Agent": "atssdet"})
-            try:
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    length = response.headers.get("Content-Length")
-                    expected = int(length) if length is not None and length.strip().isdigit() else None
-                    with tqdm(
-                        total=expected,
-                        unit="B",
-                        unit_scale=True,
-                        unit_divisor=1024,
-                        desc=dst.name,
-                        disable=not progress,
-                    ) as bar:
-                        while chunk := response.read(_CHUNK_BYTES):
-                            f.write(chunk)
-                            received += len(chunk)
-                            bar.update(len(chunk))
-            except urllib.error.HTTPError as exc:
-                raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
-            except urllib.error.URLError as exc:
-                raise DownloadError(f"{url}: cannot connect: {exc.reason}") from exc
-            except http.client.IncompleteRead as exc:
-                got = received + len(exc.partial)
-                raise DownloadError(
-                    f"{url}: download interrupted after {got} of {expected or '?'} bytes (truncated)"
-                ) from exc
-            except (http.client.HTTPException, OSError) as exc:  # timeouts, resets
-                raise DownloadError(
-                    f"{url}: download failed after {received} bytes: {type(exc).__name__}: {exc}"
-                ) from exc
-        if expected is not None and received != expected:
+    with open(dst, "wb") as f:
+        request = urllib.request.Request(url, headers={"User-Agent": "atssdet"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                expected = int(length) if length is not None and length.strip().isdigit() else None
+                with tqdm(
+                    total=expected,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=desc or dst.name,
+                    disable=not progress,
+                ) as bar:
+                    while chunk := response.read(_CHUNK_BYTES):
+                        f.write(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+        except urllib.error.HTTPError as exc:
+            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+        except urllib.error.URLError as exc:
+            raise DownloadError(f"{url}: cannot connect: {exc.reason}") from exc
+        except http.client.IncompleteRead as exc:
+            got = received + len(exc.partial)
             raise DownloadError(
-                f"{url}: download incomplete: received {received} bytes, Content-Length says {expected} (truncated)"
-            )
-        if received == 0:
-            raise DownloadError(f"{url}: the server sent an empty file")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+                f"{url}: download interrupted after {got} of {expected or '?'} bytes (truncated)"
+            ) from exc
+        except (http.client.HTTPException, OSError) as exc:  # timeouts, resets
+            raise DownloadError(
+                f"{url}: download failed after {received} bytes: {type(exc).__name__}: {exc}"
+            ) from exc
+    if expected is not None and received != expected:
+        raise DownloadError(
+            f"{url}: download incomplete: received {received} bytes, Content-Length says {expected} (truncated)"
+        )
+    if received == 0:
+        raise DownloadError(f"{url}: the server sent an empty file")
 
 
 def verify_and_convert(entry: ZooEntry, pkl_path: Path, *, source: str) -> Path:
@@ -175,20 +160,18 @@ def fetch_pretrained(entry: ZooEntry, *, progress: bool = True) -> Path:
             ) from exc
     url = entry.url
     logger.info("downloading %s to %s", url, raw)
+    # The download lands in a temp file beside `raw` that is renamed only once verified and converted.
     try:
-        tmp = download_file(url, raw, progress=progress)
+        with atomic_path(raw, suffix=".part") as tmp:
+            download_file(url, tmp, desc=raw.name, progress=progress)
+            converted = verify_and_convert(entry, tmp, source=url)
     except DownloadError as exc:
         raise DownloadError(
             f"cannot download pretrained weights for {entry.name}: {exc}\n{_manual_help(entry)}"
         ) from exc
-    try:
-        converted = verify_and_convert(entry, tmp, source=url)
-        os.replace(tmp, raw)
     except CheckpointError as exc:
         raise DownloadError(
             f"the file downloaded from {url} is not a valid {entry.name} checkpoint and was deleted: "
             f"{exc}\n{_manual_help(entry)}"
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return converted

@@ -1,4 +1,4 @@
-"""ONNX export of ATSS (decoding and optionally NMS inside the graph) and an ONNX Runtime runner.
+"""ONNX export of ATSS (decoding and optionally NMS inside the graph); run exports with :mod:`atssdet.runtime.ort_runner`.
 
 The exported graph takes the same inputs as the PyTorch pipeline::
 
@@ -11,7 +11,8 @@ and returns either dense decoded predictions (``scores [N, A, C]``, ``boxes [N, 
 original pixels, exactly :func:`atssdet.postprocess.dense_scores_and_boxes`) or, with
 ``with_nms=True``, final detections (``detections [N, K, 6]`` rows (x1, y1, x2, y2, score, class),
 zero-padded to ``K = max_detections``, plus ``num_detections [N]``) in the order of
-:func:`atssdet.postprocess.select_detections`.
+:func:`atssdet.postprocess.select_detections`. What is traced is the model's own forward
+(:mod:`atssdet.export_graph`).
 
 onnx and onnxruntime are optional (``pip install atssdet[export]``) and imported only here, lazily.
 """
@@ -21,22 +22,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from atssdet.config import ATSSConfig
+from atssdet.export_graph import ExportGraph, RawInputGraph
 from atssdet.fileio import atomic_path
-from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY, ATSSOutput, flatten_levels
-from atssdet.ops.images import pad_to_multiple, resize_bilinear_opencv
-from atssdet.ops.points import grid_points
-from atssdet.postprocess import Detections, dense_scores_and_boxes, select_detections
+from atssdet.modeling.atss import ATSS, SIZE_DIVISIBILITY
+from atssdet.options import InferenceOptions
 
 INPUT_NAMES = ("images", "image_hw", "orig_hw")
 RAW_INPUT_NAME = "image"  # --raw-input graphs: one uint8 [H, W, 3] BGR image
@@ -57,237 +53,20 @@ def _require(module: str) -> Any:
         ) from exc
 
 
-def onnx_iou_threshold(iou_threshold: float) -> float:
-    """The float32 threshold that makes ONNX Runtime's NMS decide like torchvision's.
-
-    Both suppress when ``IoU > threshold``, but torchvision compares the float32 IoU with the threshold
-    as a double while ONNX Runtime compares in float32: at IoU == float32(0.6) (e.g. 60/100)
-    torchvision suppresses and ONNX Runtime with 0.6 does not. The largest float32 <= the threshold
-    gives the same decision for every float32 IoU.
-    """
-    t32 = np.float32(iou_threshold)
-    if float(t32) > iou_threshold:
-        t32 = np.nextafter(t32, np.float32(-np.inf))
-    return float(t32)
-
-
-class _OnnxNMS(torch.autograd.Function):
-    """ONNX ``NonMaxSuppression``: ``selected [K, 3]`` int64 rows (image, class, anchor).
-
-    Eager semantics match ONNX Runtime's: per image and class, keep ``score > score_threshold``
-    (strict), greedy NMS in score order suppressing ``IoU > iou_threshold`` (no +1, zero-area boxes
-    never suppress), at most ``max_per_class`` per class; rows come image-major, then class-major,
-    score-descending inside a class. The eager path only serves tracing and reference.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        boxes: Tensor,  # [N, A, 4]
-        scores: Tensor,  # [N, C, A]
-        max_per_class: int,
-        iou_threshold: float,
-        score_threshold: float,
-    ) -> Tensor:
-        img_idx, cls_idx, anchor_idx = (scores > score_threshold).nonzero(as_tuple=True)
-        cand_scores = scores[img_idx, cls_idx, anchor_idx]
-        group = img_idx * scores.shape[1] + cls_idx
-        keep = batched_nms(boxes[img_idx, anchor_idx], cand_scores, group, iou_threshold)
-        keep = keep[torch.sort(group[keep], stable=True).indices]
-        # At most max_per_class per (image, class) group: rank inside the group.
-        grp = group[keep]
-        first = torch.searchsorted(grp, grp, right=False)
-        rank = torch.arange(grp.numel(), device=grp.device) - first
-        keep = keep[rank < max_per_class]
-        return torch.stack((img_idx[keep], cls_idx[keep], anchor_idx[keep]), dim=1)
-
-    @staticmethod
-    def symbolic(
-        g: Any, boxes: Any, scores: Any, max_per_class: int, iou_threshold: float, score_threshold: float
-    ) -> Any:
-        max_t = g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.int64))
-        iou_t = g.op(
-            "Constant", value_t=torch.tensor([onnx_iou_threshold(iou_threshold)], dtype=torch.float32)
-        )
-        score_t = g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float32))
-        # center_point_box=0: corners; ONNX says (y1, x1, y2, x2) but IoU is symmetric in x/y, so xyxy works.
-        return g.op("NonMaxSuppression", boxes, scores, max_t, iou_t, score_t, center_point_box_i=0)
-
-
-def _stable_argsort(key: Tensor) -> Tensor:
-    """Ascending argsort of ``key [S]``, ties kept in index order.
-
-    The TorchScript exporter cannot export ``torch.sort(stable=True)``; ONNX ``TopK`` breaks ties
-    by the lower index (ONNX spec, opset 11+), so an all-k TopK is a stable sort in the graph.
-    """
-    if torch.jit.is_tracing():
-        return torch.topk(key, key.shape[0], largest=False, sorted=True).indices
-    return torch.sort(key, stable=True).indices
-
-
-def _select_in_graph(
-    scores: Tensor,  # [N, A, C]
-    boxes: Tensor,  # [N, A, 4]
-    *,
-    score_threshold: float,
-    nms_threshold: float,
-    max_detections: int,
-    class_agnostic: bool,
-) -> tuple[Tensor, Tensor]:
-    """Traceable :func:`select_detections`: ``(detections [N, K, 6], num_detections [N])``.
-
-    Ordering as MegEngine: class-major (score-descending inside a class) when at most K survive,
-    else the K best by a stable score sort. ONNX TopK breaks ties by
-    the lower index, so the sorts below are stable in ONNX Runtime too (see :func:`_stable_argsort`).
-    """
-    n, a, c = scores.shape
-    if class_agnostic:
-        # One NMS class holding every (anchor, class) candidate, as select_detections does.
-        cand_boxes = boxes.unsqueeze(2).expand(n, a, c, 4).reshape(n, a * c, 4)
-        cand_scores = scores.reshape(n, 1, a * c)
-    else:
-        cand_boxes = boxes
-        cand_scores = scores.transpose(1, 2)
-    # One more than K per class keeps the result exact: a class with > K survivors already makes
-    # the image exceed K (score-sorted path) and its top K are all that can reach the final K.
-    selected = _OnnxNMS.apply(cand_boxes, cand_scores, max_detections + 1, nms_threshold, score_threshold)
-    img = selected[:, 0]
-    if class_agnostic:
-        anchor = selected[:, 2] // c
-        label = selected[:, 2] % c
-    else:
-        anchor = selected[:, 2]
-        label = selected[:, 1]
-    det_scores = scores[img, anchor, label]  # [S]
-    det_boxes = boxes[img, anchor]  # [S, 4]
-    position = torch.arange(det_scores.shape[0], device=scores.device)
-    if class_agnostic:
-        # NMS returned score order; class-major order is a stable sort by class.
-        by_class = _stable_argsort(label)
-        img, label, det_scores, det_boxes = (
-            img[by_class],
-            label[by_class],
-            det_scores[by_class],
-            det_boxes[by_class],
-        )
-    images = torch.arange(n, device=scores.device)
-    counts = (img[:, None] == images[None, :]).sum(0)  # [N]
-    over = counts[img] > max_detections  # [S]
-    # Within an image: by score when it has more than K survivors, else keep the (class-major) position.
-    key = torch.where(over, -det_scores, position.to(det_scores.dtype))
-    order = _stable_argsort(key)
-    order = order[_stable_argsort(img[order])]
-    img, label, det_scores, det_boxes = img[order], label[order], det_scores[order], det_boxes[order]
-    starts = torch.cumsum(counts, 0) - counts
-    rank = position - starts[img]
-    keep = rank < max_detections
-    rows = torch.cat((det_boxes, det_scores[:, None], label[:, None].to(det_scores.dtype)), dim=1)[keep]
-    slot = (img * max_detections + rank)[keep]
-    detections = torch.zeros((n * max_detections, 6), dtype=scores.dtype, device=scores.device)
-    detections = detections.index_put((slot,), rows)
-    num = torch.clamp(counts, max=max_detections)
-    return detections.reshape(n, max_detections, 6), num
-
-
-class _ExportGraph(nn.Module):
-    """What gets traced: pad + model + decode (+ NMS), with every size read from the inputs."""
-
-    def __init__(
-        self,
-        model: ATSS,
-        *,
-        with_nms: bool,
-        score_threshold: float,
-        nms_threshold: float,
-        max_detections: int,
-        class_agnostic: bool,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.with_nms = with_nms
-        self.score_threshold = score_threshold
-        self.nms_threshold = nms_threshold
-        self.max_detections = max_detections
-        self.class_agnostic = class_agnostic
-
-    def forward(self, images: Tensor, image_hw: Tensor, orig_hw: Tensor) -> tuple[Tensor, Tensor]:
-        model = self.model
-        # Padded here from traced sizes (the example input is never a multiple of 32, so the pad
-        # op is recorded); the model's own pad then sees a multiple of 32 and is a no-op.
-        x = model.normalize(pad_to_multiple(images.float(), SIZE_DIVISIBILITY))
-        features = model.backbone(x)
-        logits, offsets, ctrness = model.head(features)
-        # ATSS.forward bakes the level sizes in as Python ints; recompute points from traced shapes
-        # so they follow the input size.
-        points = torch.cat(
-            grid_points(
-                [(f.shape[-2], f.shape[-1]) for f in features],
-                model.cfg.stride,
-                offset=model.cfg.anchor_offset,
-                device=x.device,
-            ),
-            dim=0,
-        )
-        output = ATSSOutput(
-            cls_logits=flatten_levels(logits),
-            box_ltrb=flatten_levels(offsets),
-            ctr_logits=flatten_levels(ctrness).squeeze(-1),
-            points=points,
-            num_points_per_level=(),
-        )
-        scores, boxes = dense_scores_and_boxes(output, image_hw, orig_hw)
-        if not self.with_nms:
-            return scores, boxes
-        return _select_in_graph(
-            scores,
-            boxes,
-            score_threshold=self.score_threshold,
-            nms_threshold=self.nms_threshold,
-            max_detections=self.max_detections,
-            class_agnostic=self.class_agnostic,
-        )
-
-
-class _RawInputGraph(nn.Module):
-    """``image`` uint8 ``[H, W, 3]`` BGR (one image, any size, as ``cv2.imread`` gives it) -> the outputs
-    of :class:`_ExportGraph` for it, with MegEngine's test resize inside the graph: the size rule of
-    ``DetEvaluator.process_inputs`` and a bit-exact ``cv2.INTER_LINEAR``
-    (:func:`atssdet.ops.images.resize_bilinear_opencv`); boxes come out in the image's pixels."""
-
-    def __init__(self, inner: nn.Module, short_size: int, max_size: int) -> None:
-        super().__init__()
-        self.inner = inner
-        self.short_size = float(short_size)
-        self.max_size = float(max_size)
-
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        hw = torch._shape_as_tensor(image)[:2].to(device=image.device, dtype=torch.float64)
-        # [1]-shaped, not 0-d: the ONNX exporter would compute 0-d arithmetic in float32.
-        small = torch.amin(hw, dim=0, keepdim=True)
-        large = torch.amax(hw, dim=0, keepdim=True)
-        scale = self.short_size / small
-        scale = torch.where(scale * large > self.max_size, self.max_size / large, scale)
-        new_hw = torch.round(hw * scale).long()  # Python's round: halves to even, in float64
-        resized = resize_bilinear_opencv(image, new_hw[0], new_hw[1])
-        images = resized.permute(2, 0, 1).unsqueeze(0).float()
-        return self.inner(images, new_hw.float().unsqueeze(0), hw.float().unsqueeze(0))
-
-
-def export_metadata(
-    cfg: ATSSConfig,
-    *,
-    with_nms: bool,
-    score_threshold: float,
-    nms_threshold: float,
-    max_detections: int,
-    class_agnostic: bool,
-    model_name: str | None = None,
-    raw_input: bool = False,
-) -> dict[str, str]:
-    """The ``metadata_props`` written into the ONNX file (all values are strings, JSON where structured)."""
-    from atssdet import __version__
-
-    convention = {
+def _input_convention(cfg: ATSSConfig, raw_input: bool) -> dict[str, Any]:
+    """What the graph expects of its inputs (the ``input_convention`` metadata entry)."""
+    if raw_input:
+        return {
+            "image": "uint8 [H, W, 3] BGR, one image of any size (what cv2.imread returns)",
+            "channel_order": "BGR",
+            "resize": f"inside the graph: shortest edge {cfg.test_image_short_size}, max "
+            f"{cfg.test_image_max_size}, bit-exact cv2.INTER_LINEAR on uint8",
+            "pad_inside_graph": True,
+            "normalize_inside_graph": True,
+            "boxes": "in the input image's pixels",
+            "batch": 1,
+        }
+    return {
         "images": "float32 [N, 3, H, W] raw BGR 0-255, resized, zero-padded bottom/right to the batch maximum",
         "image_hw": "float32 [N, 2] resized (height, width)",
         "orig_hw": "float32 [N, 2] original (height, width); boxes come out in these pixels",
@@ -302,34 +81,117 @@ def export_metadata(
         "resize": f"shortest edge {cfg.test_image_short_size}, max {cfg.test_image_max_size}, "
         "cv2.INTER_LINEAR on uint8 (outside the graph)",
     }
-    if raw_input:
-        convention = {
-            "image": "uint8 [H, W, 3] BGR, one image of any size (what cv2.imread returns)",
-            "channel_order": "BGR",
-            "resize": f"inside the graph: shortest edge {cfg.test_image_short_size}, max "
-            f"{cfg.test_image_max_size}, bit-exact cv2.INTER_LINEAR on uint8",
-            "pad_inside_graph": True,
-            "normalize_inside_graph": True,
-            "boxes": "in the input image's pixels",
-            "batch": 1,
-        }
+
+
+def export_metadata(
+    cfg: ATSSConfig,
+    options: InferenceOptions,
+    *,
+    with_nms: bool,
+    model_name: str | None = None,
+    raw_input: bool = False,
+) -> dict[str, str]:
+    """The ``metadata_props`` written into the ONNX file (all values are strings, JSON where structured).
+
+    The post-processing entries carry :class:`InferenceOptions` names: ``score_threshold``,
+    ``nms_threshold``, ``max_detections``, ``class_agnostic`` (baked into an NMS graph; the defaults
+    of a dense one).
+    """
+    from atssdet import __version__
+
     meta = {
         "atssdet_version": __version__,
         "model_name": model_name or "",
         "class_names": json.dumps(list(cfg.class_names)),
-        "input_convention": json.dumps(convention),
+        "input_convention": json.dumps(_input_convention(cfg, raw_input)),
         "mean": json.dumps(list(cfg.img_mean)),
         "std": json.dumps(list(cfg.img_std)),
         "strides": json.dumps(list(cfg.stride)),
         "config": cfg.to_json(),
         "outputs": "nms" if with_nms else "dense",
-        "score_threshold": repr(float(score_threshold)),
-        "nms_threshold": repr(float(nms_threshold)),
-        "max_detections": str(int(max_detections)),
-        "class_agnostic": json.dumps(bool(class_agnostic)),
+        "score_threshold": repr(options.score_threshold),
+        "nms_threshold": repr(options.nms_threshold),
+        "max_detections": str(options.max_detections),
+        "class_agnostic": json.dumps(options.class_agnostic),
         "input_format": "raw" if raw_input else "resized",
     }
     return {METADATA_PREFIX + k: v for k, v in meta.items()}
+
+
+def _example_inputs(example_hw: tuple[int, int], raw_input: bool, device: torch.device) -> tuple[Tensor, ...]:
+    """Random inputs to trace with: ``(images, image_hw, orig_hw)``, or ``(image,)`` uint8 for raw input."""
+    h, w = example_hw
+    gen = torch.Generator().manual_seed(0)
+    if raw_input:
+        return ((torch.rand((h, w, 3), generator=gen) * 255).to(device=device, dtype=torch.uint8),)
+    images = (torch.rand((1, 3, h, w), generator=gen) * 255).to(device)
+    image_hw = torch.tensor([[h, w]], dtype=torch.float32, device=device)
+    orig_hw = torch.tensor([[2 * h, 2 * w]], dtype=torch.float32, device=device)
+    return images, image_hw, orig_hw
+
+
+def _dynamic_axes(*, with_nms: bool, raw_input: bool) -> dict[str, dict[int, str]]:
+    """The symbolic axes of a dynamic export (a raw-input graph has batch 1 everywhere)."""
+    if raw_input:
+        axes = {RAW_INPUT_NAME: {0: "height", 1: "width"}}
+        if not with_nms:
+            axes |= {"scores": {1: "anchors"}, "boxes": {1: "anchors"}}
+        return axes
+    axes = {
+        "images": {0: "batch", 2: "height", 3: "width"},
+        "image_hw": {0: "batch"},
+        "orig_hw": {0: "batch"},
+    }
+    if with_nms:
+        return axes | {"detections": {0: "batch"}, "num_detections": {0: "batch"}}
+    return axes | {"scores": {0: "batch", 1: "anchors"}, "boxes": {0: "batch", 1: "anchors"}}
+
+
+def _trace_to_onnx(
+    graph: nn.Module,
+    example_inputs: tuple[Tensor, ...],
+    path: str,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]] | None,
+    opset: int,
+) -> None:
+    """``torch.onnx.export`` with the TorchScript exporter, silencing the warnings tracing ATSS expects."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # Expected while tracing: pad_to_multiple's branch is fixed on purpose (see export_onnx) and
+        # every index tensor is non-negative.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*advanced indexing.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated.*")
+        # dynamo=False on purpose: the torch.export exporter needs onnxscript (an extra dependency).
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*The feature will be removed.*")
+        torch.onnx.export(
+            graph,
+            example_inputs,
+            path,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def _fix_output_dims(proto: Any, *, num_classes: int, with_nms: bool, raw_input: bool) -> None:
+    """Declare the output dims the exporter leaves symbolic although the model fixes them."""
+    if raw_input:
+        # One image in, so the batch axis of every output is 1.
+        for output in proto.graph.output:
+            batch_dim = output.type.tensor_type.shape.dim[0]
+            batch_dim.Clear()
+            batch_dim.dim_value = 1
+    if not with_nms:
+        class_dim = proto.graph.output[0].type.tensor_type.shape.dim[2]
+        class_dim.Clear()
+        class_dim.dim_value = num_classes
 
 
 def export_onnx(
@@ -351,13 +213,13 @@ def export_onnx(
 
     Inputs ``images [N, 3, H, W]``, ``image_hw [N, 2]``, ``orig_hw [N, 2]`` (see the module doc).
     Outputs ``scores [N, A, C]``, ``boxes [N, A, 4]``; with ``with_nms`` ``detections [N, K, 6]`` and
-    ``num_detections [N]`` (int64), K = ``max_detections``. Thresholds default to the config's
-    ``test_cls_threshold``, ``test_nms`` and ``test_max_boxes_per_image``. ``dynamic`` makes N, H, W
-    (and A) symbolic; otherwise the graph is fixed to ``example_hw`` and batch 1. Uses the
-    TorchScript exporter (``dynamo=False``), which needs no extra packages.
+    ``num_detections [N]`` (int64), K = ``max_detections``. The options default to
+    ``InferenceOptions.from_config(model.cfg)`` and are validated by it (:class:`OptionError`).
+    ``dynamic`` makes N, H, W (and A) symbolic; otherwise the graph is fixed to ``example_hw`` and
+    batch 1. Uses the TorchScript exporter (``dynamo=False``), which needs no extra packages.
 
     ``raw_input``: the graph takes one ``image`` uint8 ``[H, W, 3]`` BGR of any size instead and does
-    the test resize itself, bit-exactly as ``cv2.resize`` (see :class:`_RawInputGraph`); outputs keep
+    the test resize itself, bit-exactly as ``cv2.resize`` (see :class:`RawInputGraph`); outputs keep
     their names with batch 1. ``example_hw`` is then the example image's size.
     """
     onnx = _require("onnx")
@@ -367,272 +229,37 @@ def export_onnx(
             f"numerics={cfg.numerics!r} computes GroupNorm with NumPy and cannot be traced to ONNX; "
             "export the model built with numerics='torch' (same weights)"
         )
-    score_threshold = cfg.test_cls_threshold if score_threshold is None else score_threshold
-    nms_threshold = cfg.test_nms if nms_threshold is None else nms_threshold
-    max_detections = cfg.test_max_boxes_per_image if max_detections is None else max_detections
-    if max_detections < 1:
-        raise ValueError(f"max_detections must be >= 1, got {max_detections}")
-    h, w = example_hw
-    if dynamic and h % SIZE_DIVISIBILITY == 0 and w % SIZE_DIVISIBILITY == 0:
-        # The pad op is recorded only if the example needs padding (see _ExportGraph.forward).
-        raise ValueError(
-            f"example_hw {example_hw}: at least one side must not be a multiple of {SIZE_DIVISIBILITY}"
-        )
-    graph: nn.Module = _ExportGraph(
-        model,
-        with_nms=with_nms,
+    options = InferenceOptions.from_config(
+        cfg,
         score_threshold=score_threshold,
         nms_threshold=nms_threshold,
         max_detections=max_detections,
         class_agnostic=class_agnostic,
-    ).eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    images = (torch.rand((1, 3, h, w), generator=gen) * 255).to(device)
-    image_hw = torch.tensor([[h, w]], dtype=torch.float32, device=device)
-    orig_hw = torch.tensor([[2 * h, 2 * w]], dtype=torch.float32, device=device)
-    example_inputs: tuple[Tensor, ...] = (images, image_hw, orig_hw)
-    input_names = list(INPUT_NAMES)
-    output_names = list(NMS_OUTPUT_NAMES if with_nms else DENSE_OUTPUT_NAMES)
-    dynamic_axes: dict[str, dict[int, str]] | None = None
+    )
+    if dynamic and example_hw[0] % SIZE_DIVISIBILITY == 0 and example_hw[1] % SIZE_DIVISIBILITY == 0:
+        # pad_to_multiple skips the pad when there is nothing to pad, so the example must need one
+        # for the Pad op to be traced at all.
+        raise ValueError(
+            f"example_hw {example_hw}: at least one side must not be a multiple of {SIZE_DIVISIBILITY}"
+        )
+    graph: nn.Module = ExportGraph(model, nms=options if with_nms else None).eval()
     if raw_input:
-        graph = _RawInputGraph(graph, cfg.test_image_short_size, cfg.test_image_max_size).eval()
-        example_inputs = ((torch.rand((h, w, 3), generator=gen) * 255).to(device=device, dtype=torch.uint8),)
-        input_names = [RAW_INPUT_NAME]
-        if dynamic:
-            dynamic_axes = {RAW_INPUT_NAME: {0: "height", 1: "width"}}
-            if not with_nms:
-                dynamic_axes |= {"scores": {1: "anchors"}, "boxes": {1: "anchors"}}
-    elif dynamic:
-        dynamic_axes = {
-            "images": {0: "batch", 2: "height", 3: "width"},
-            "image_hw": {0: "batch"},
-            "orig_hw": {0: "batch"},
-        }
-        if with_nms:
-            dynamic_axes |= {"detections": {0: "batch"}, "num_detections": {0: "batch"}}
-        else:
-            dynamic_axes |= {"scores": {0: "batch", 1: "anchors"}, "boxes": {0: "batch", 1: "anchors"}}
-
+        graph = RawInputGraph(graph, cfg.test_image_short_size, cfg.test_image_max_size).eval()
     path = Path(path)
     with atomic_path(path) as tmp_path:
-        tmp = str(tmp_path)
-        with torch.no_grad(), warnings.catch_warnings():
-            # Expected while tracing: the pad branch is fixed on purpose (see _ExportGraph.forward)
-            # and every index tensor is non-negative.
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*advanced indexing.*")
-            warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated.*")
-            # dynamo=False on purpose: the torch.export exporter needs onnxscript (an extra dependency).
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            warnings.filterwarnings("ignore", message=".*The feature will be removed.*")
-            torch.onnx.export(
-                graph,
-                example_inputs,
-                tmp,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        proto = onnx.load(tmp)
-        meta = export_metadata(
-            cfg,
-            with_nms=with_nms,
-            score_threshold=score_threshold,
-            nms_threshold=nms_threshold,
-            max_detections=max_detections,
-            class_agnostic=class_agnostic,
-            model_name=model_name,
-            raw_input=raw_input,
+        _trace_to_onnx(
+            graph,
+            _example_inputs(example_hw, raw_input, next(model.parameters()).device),
+            str(tmp_path),
+            input_names=[RAW_INPUT_NAME] if raw_input else list(INPUT_NAMES),
+            output_names=list(NMS_OUTPUT_NAMES if with_nms else DENSE_OUTPUT_NAMES),
+            dynamic_axes=_dynamic_axes(with_nms=with_nms, raw_input=raw_input) if dynamic else None,
+            opset=opset,
         )
+        proto = onnx.load(str(tmp_path))
+        meta = export_metadata(cfg, options, with_nms=with_nms, model_name=model_name, raw_input=raw_input)
         onnx.helper.set_model_props(proto, meta)
-        if raw_input:
-            # One image in, so the batch axis of every output is 1 (the exporter leaves it symbolic).
-            for output in proto.graph.output:
-                batch_dim = output.type.tensor_type.shape.dim[0]
-                batch_dim.Clear()
-                batch_dim.dim_value = 1
-        if not with_nms:
-            # The exporter leaves the class axis symbolic; it is fixed by the model.
-            class_dim = proto.graph.output[0].type.tensor_type.shape.dim[2]
-            class_dim.Clear()
-            class_dim.dim_value = cfg.num_classes
+        _fix_output_dims(proto, num_classes=cfg.num_classes, with_nms=with_nms, raw_input=raw_input)
         onnx.checker.check_model(proto)
-        onnx.save(proto, tmp)
+        onnx.save(proto, str(tmp_path))
     return path
-
-
-Spec = tuple[tuple[str, str, tuple[int | str, ...]], ...]
-
-
-@dataclass(frozen=True)
-class OnnxSignature:
-    """Inputs and outputs of a graph: (name, element type, shape with symbolic dims as names)."""
-
-    inputs: Spec
-    outputs: Spec
-
-    def __str__(self) -> str:
-        def fmt(rows: Spec) -> str:
-            return "\n".join(f"  {n}: {t}[{', '.join(str(d) for d in s)}]" for n, t, s in rows)
-
-        return f"inputs:\n{fmt(self.inputs)}\noutputs:\n{fmt(self.outputs)}"
-
-
-def onnx_signature(path: str | os.PathLike[str]) -> OnnxSignature:
-    """Read the input/output signature of an ONNX file (element types as ONNX names, e.g. FLOAT)."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
-
-    def rows(values: Sequence[Any]) -> Spec:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
-            out.append((v.name, onnx.TensorProto.DataType.Name(t.elem_type).lower(), dims))
-        return tuple(out)
-
-    return OnnxSignature(rows(proto.graph.input), rows(proto.graph.output))
-
-
-def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``atssdet.*`` metadata of an exported file, without the prefix."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
-    return {
-        p.key[len(METADATA_PREFIX) :]: p.value
-        for p in proto.metadata_props
-        if p.key.startswith(METADATA_PREFIX)
-    }
-
-
-def _to_numpy(x: Tensor | np.ndarray, name: str, dtype: type) -> np.ndarray:
-    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-    return np.ascontiguousarray(arr, dtype=dtype)
-
-
-class OnnxDetector:
-    """Run an exported ATSS ONNX file in ONNX Runtime, returning :class:`Detections` like PyTorch.
-
-    ``device`` "cpu" or "cuda" (``None``: CUDA provider if onnxruntime offers it, else CPU). The
-    config, class names and baked-in thresholds come from the file's metadata.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, device: str | None = None) -> None:
-        ort = _require("onnxruntime")
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        meta = read_onnx_metadata(self.path)
-        if "config" not in meta:
-            raise ValueError(f"{self.path}: not an atssdet ONNX export (no atssdet.config metadata)")
-        if meta.get("input_format") == "raw":
-            raise ValueError(
-                f"{self.path}: exported with --raw-input (one uint8 [H, W, 3] image in, resize inside); "
-                "run it with onnxruntime directly (docs/export.md), or export without --raw-input for "
-                "Detector / predict --weights"
-            )
-        self.metadata = meta
-        self.cfg = ATSSConfig.from_json(meta["config"])
-        self.class_names: tuple[str, ...] = tuple(json.loads(meta["class_names"]))
-        self.with_nms = meta["outputs"] == "nms"
-        self.score_threshold = float(meta["score_threshold"])
-        self.nms_threshold = float(meta["nms_threshold"])
-        self.max_detections = int(meta["max_detections"])
-        self.class_agnostic = bool(json.loads(meta["class_agnostic"]))
-        available = ort.get_available_providers()
-        if device is None:
-            device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in available:
-                raise ValueError(f"device 'cuda' requested but onnxruntime offers only {available}")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif device == "cpu":
-            providers = ["CPUExecutionProvider"]
-        else:
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        self.device = device
-        self.session = ort.InferenceSession(str(self.path), providers=providers)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def signature(self) -> OnnxSignature:
-        return onnx_signature(self.path)
-
-    def run(
-        self, images: Tensor | np.ndarray, image_hw: Tensor | np.ndarray, orig_hw: Tensor | np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Raw graph outputs by name (``scores``/``boxes`` or ``detections``/``num_detections``)."""
-        images_np = _to_numpy(images, "images", np.float32)
-        if images_np.ndim != 4 or images_np.shape[1] != 3:
-            raise ValueError(f"images must be [N, 3, H, W] BGR, got shape {tuple(images_np.shape)}")
-        n = images_np.shape[0]
-        feeds = {"images": images_np}
-        for name, value in (("image_hw", image_hw), ("orig_hw", orig_hw)):
-            arr = _to_numpy(value, name, np.float32)
-            if arr.shape != (n, 2):
-                raise ValueError(f"{name} must be [{n}, 2] (height, width per image), got {tuple(arr.shape)}")
-            feeds[name] = arr
-        outs = self.session.run(self.output_names, feeds)
-        return dict(zip(self.output_names, outs, strict=True))
-
-    def dense(
-        self, images: Tensor | np.ndarray, image_hw: Tensor | np.ndarray, orig_hw: Tensor | np.ndarray
-    ) -> tuple[Tensor, Tensor]:
-        """Dense ``scores [N, A, C]`` and ``boxes [N, A, 4]`` (files exported without NMS only)."""
-        if self.with_nms:
-            raise ValueError(f"{self.path}: exported with NMS; it has no dense scores/boxes outputs")
-        out = self.run(images, image_hw, orig_hw)
-        return torch.from_numpy(out["scores"]), torch.from_numpy(out["boxes"])
-
-    def predict_batch(
-        self,
-        images: Tensor | np.ndarray,
-        image_hw: Tensor | np.ndarray,
-        orig_hw: Tensor | np.ndarray,
-        *,
-        score_threshold: float | None = None,
-        nms_threshold: float | None = None,
-        max_detections: int | None = None,
-        class_agnostic: bool | None = None,
-        classes: Tensor | None = None,
-    ) -> list[Detections]:
-        """One :class:`Detections` (CPU tensors, labels int64) per image.
-
-        Arguments left ``None`` use the values stored at export. A file exported with NMS has them
-        baked in: asking for different ones (or ``classes``) raises ValueError; a dense file runs
-        :func:`select_detections` on the ONNX outputs and accepts anything.
-        """
-        if not self.with_nms:
-            scores, boxes = self.dense(images, image_hw, orig_hw)
-            return select_detections(
-                scores,
-                boxes,
-                score_threshold=self.score_threshold if score_threshold is None else score_threshold,
-                nms_threshold=self.nms_threshold if nms_threshold is None else nms_threshold,
-                max_detections=self.max_detections if max_detections is None else max_detections,
-                class_agnostic=self.class_agnostic if class_agnostic is None else class_agnostic,
-                classes=classes,
-            )
-        requested = {
-            "score_threshold": (score_threshold, self.score_threshold),
-            "nms_threshold": (nms_threshold, self.nms_threshold),
-            "max_detections": (max_detections, self.max_detections),
-            "class_agnostic": (class_agnostic, self.class_agnostic),
-        }
-        for name, (want, baked) in requested.items():
-            if want is not None and want != baked:
-                raise ValueError(
-                    f"{self.path}: {name}={want!r} differs from the value baked into this NMS export "
-                    f"({baked!r}); re-export, or export without --with-nms"
-                )
-        if classes is not None:
-            raise ValueError(f"{self.path}: class filtering needs an export without --with-nms")
-        out = self.run(images, image_hw, orig_hw)
-        dets = torch.from_numpy(out["detections"])
-        nums = out["num_detections"].tolist()
-        return [
-            Detections(d[:k, :4], d[:k, 4], d[:k, 5].to(torch.int64)) for d, k in zip(dets, nums, strict=True)
-        ]

@@ -1,20 +1,33 @@
-"""Drawing detections on BGR images with OpenCV.
+"""Drawing detections on BGR images with OpenCV, and saving them (drawn image or JSON).
 
 Every class is drawn, class 0 included (the seed's ``vis_det`` skipped label 0, "person"). Each
 class has its own colour, chosen by stepping the hue by the golden ratio so that neighbouring class
-ids get clearly different colours.
+ids get clearly different colours. :func:`draw` and :func:`save_detections` (the API) and
+``atssdet predict`` (the CLI) draw the boxes scoring ``>= DRAW_SCORE_THRESHOLD`` by default.
 """
 
 from __future__ import annotations
 
 import colorsys
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 from torch import Tensor
 
+from atssdet.config import ATSSConfig
+from atssdet.structures import Detections
+
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+
+# MegEngine's ``test_vis_threshold`` default (0.3): the API draws what the CLI draws.
+DRAW_SCORE_THRESHOLD: float = ATSSConfig.test_vis_threshold
+
+# Suffixes :func:`save_detections` writes as drawn images (anything else but .json is refused).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -78,3 +91,59 @@ def draw_detections(
             canvas, caption, (left + 1, top + th + 1), font, font_scale, text_color, 1, lineType=cv2.LINE_AA
         )
     return canvas
+
+
+def draw(
+    det: Detections,
+    image: np.ndarray | None = None,
+    *,
+    score_threshold: float = DRAW_SCORE_THRESHOLD,
+    thickness: int | None = None,
+) -> np.ndarray:
+    """``det`` drawn on ``image`` (else the kept ``det.image``, else ``det.source`` read again).
+
+    Draws every detection scoring ``>= score_threshold``; returns a BGR uint8 ``[H, W, 3]`` copy
+    (the input is untouched). Raises ValueError when there is no image to draw on.
+    """
+    if image is None:
+        image = det.image
+    if image is None:
+        if det.source is None or not Path(det.source).is_file():
+            raise ValueError(
+                f"{det.source or 'detections'}: no image to draw on; pass draw(det, image=BGR array)"
+            )
+        from atssdet.data.image_io import read_image
+
+        image = read_image(det.source)
+    return draw_detections(
+        image,
+        det.boxes,
+        det.scores,
+        det.labels,
+        det.class_names,
+        score_threshold=score_threshold,
+        thickness=thickness,
+    )
+
+
+def save_detections(
+    det: Detections,
+    path: str | os.PathLike[str],
+    *,
+    image: np.ndarray | None = None,
+    score_threshold: float = DRAW_SCORE_THRESHOLD,
+) -> Path:
+    """Write ``path`` atomically: ``.json`` -> ``det.to_dict()``; an image suffix -> :func:`draw`."""
+    from atssdet.fileio import atomic_write_bytes, atomic_write_text
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return atomic_write_text(path, json.dumps(det.to_dict(), indent=1) + "\n")
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported output type; use .json or one of {', '.join(IMAGE_SUFFIXES)}")
+    drawn = draw(det, image, score_threshold=score_threshold)
+    ok, encoded = cv2.imencode(suffix, drawn)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV cannot encode {suffix} images")
+    return atomic_write_bytes(path, encoded.tobytes())

@@ -1,20 +1,34 @@
-"""The MegEngine model zoo: five COCO-pretrained ATSS detectors, their weight URLs and published AP."""
+"""The MegEngine model zoo: five COCO-pretrained ATSS detectors, their weight files, configs and AP.
+
+This module only describes the models (no torch import, so the CLI can list them for ``--help``).
+:mod:`atssdet.download` fetches their weights, :mod:`atssdet.convert` reads checkpoints and
+:mod:`atssdet.loader` builds models from all three.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from atssdet.config import PRESETS, ATSSConfig
-from atssdet.modeling.atss import ATSS, build_model
+from atssdet.config import COCO_CLASSES, PRESETS, ATSSConfig
 
 DEFAULT_URL_BASE = "https://data.megengine.org.cn/models/weights/"
+
+# COCO category id of each of the 80 contiguous labels (the official ids run 1..90 with gaps).
+COCO_CATEGORY_IDS: tuple[int, ...] = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
+    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
+    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
+    85, 86, 87, 88, 89, 90,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ZooEntry:
+    """One zoo model: its name, official weight file, published AP and (via ``config``) its architecture."""
+
     name: str
     filename: str  # official weight file name under the URL base
     coco_map: float  # published COCO val2017 mAP@[.5:.95], in percent
@@ -52,69 +66,15 @@ def cache_dir() -> Path:
 
 
 def get_entry(name: str) -> ZooEntry:
+    """The zoo entry ``name``; an unknown name raises ValueError listing the five."""
     try:
         return ZOO[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(ZOO)}") from None
 
 
-def load(
-    name: str,
-    pretrained: bool = False,
-    weights: str | os.PathLike[str] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> ATSS:
-    """Build zoo model ``name``; load ``weights`` (.pkl/.safetensors/.pt path) if given.
-
-    ``pretrained=True`` fetches the official checkpoint into the cache (see :mod:`atssdet.download`).
-    ``overrides`` replace config fields (e.g. ``{"numerics": "megengine"}``). The model is returned
-    in eval mode.
-    """
-    from atssdet.config import with_overrides
-    from atssdet.convert import load_weights
-
-    entry = get_entry(name)
-    model = build_model(with_overrides(entry.config, overrides) if overrides else entry.config)
-    if weights is not None:
-        load_weights(model, weights)
-    elif pretrained:
-        from atssdet.download import fetch_pretrained
-
-        load_weights(model, fetch_pretrained(entry))
-    return model.eval()
-
-
-def load_model(
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    model_name: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> ATSS:
-    """An ATSS model in eval mode from a zoo name and/or a weights file (what ``--model/--weights`` mean).
-
-    A ``.safetensors`` written by atssdet carries its config (``model_name`` then only fills in for
-    files without one); other formats (``.pkl``, ``.pt``) need ``model_name``. No ``weights`` means the
-    zoo's pretrained checkpoint of ``model_name`` (downloaded). ``overrides`` replace config fields
-    (e.g. ``{"test_image_short_size": 640}``).
-    """
-    from atssdet.config import with_overrides
-    from atssdet.convert import load_weights, read_checkpoint_config
-    from atssdet.modeling.atss import build_model
-
-    cfg = read_checkpoint_config(weights) if weights is not None else None
-    if cfg is None:
-        if model_name is None:
-            what = f"{weights}: carries no config" if weights is not None else "no --weights given"
-            raise ValueError(f"{what}; name the model with --model (one of the zoo names)")
-        cfg = get_entry(model_name).config
-    if overrides:
-        cfg = with_overrides(cfg, overrides)
-    model = build_model(cfg)
-    if weights is not None:
-        load_weights(model, weights)
-    else:
-        from atssdet.download import fetch_pretrained
-
-        assert model_name is not None
-        load_weights(model, fetch_pretrained(get_entry(model_name)))
-    return model.eval()
+def coco_category_ids(class_names: Sequence[str]) -> Sequence[int]:
+    """Category id of each label: the official COCO ids for the 80 COCO classes, else ``1..C``."""
+    if tuple(class_names) == COCO_CLASSES:
+        return COCO_CATEGORY_IDS
+    return range(1, len(class_names) + 1)

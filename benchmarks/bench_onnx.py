@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atssdet.export import OnnxDetector, export_onnx  # noqa: E402
+from atssdet.export import export_onnx  # noqa: E402
 from atssdet.modeling.atss import build_model  # noqa: E402
 from atssdet.postprocess import dense_scores_and_boxes, postprocess  # noqa: E402
+from atssdet.runtime.ort_runner import OrtRunner  # noqa: E402
 from atssdet.zoo import get_entry  # noqa: E402
 
 
@@ -87,8 +88,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dense_path = export_onnx(model, Path(tmp) / "dense.onnx")
         nms_path = export_onnx(model, Path(tmp) / "nms.onnx", with_nms=True)
-        dense_det = OnnxDetector(dense_path, device="cpu")
-        nms_det = OnnxDetector(nms_path, device="cpu")
+        dense_det = OrtRunner(dense_path, device="cpu")
+        nms_det = OrtRunner(nms_path, device="cpu")
         for det in (dense_det, nms_det):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = args.threads
@@ -118,7 +119,11 @@ def main() -> int:
         pairs = [("dense", torch_dense, lambda: dense_det.run(images, image_hw, orig_hw))]
         if not args.skip_full:
             pairs.append(
-                ("full (with NMS)", torch_full, lambda: nms_det.predict_batch(images, image_hw, orig_hw))
+                (
+                    "full (with NMS)",
+                    torch_full,
+                    lambda: nms_det.detect(images, image_hw, orig_hw, nms_det.baked),
+                )
             )
         print(f"{'pipeline':<16} {'PyTorch ms':>11} {'ORT ms':>9} {'PyTorch/ORT':>12}")
         for name, torch_fn, ort_fn in pairs:

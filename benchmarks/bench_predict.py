@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from atssdet.detector import Detector  # noqa: E402
+from atssdet.loader import load  # noqa: E402
 from atssdet.postprocess import select_detections  # noqa: E402
-from atssdet.predict import Detector  # noqa: E402
-from atssdet.zoo import load  # noqa: E402
 from benchmarks.common import median_time  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Cost of the reliability checks: ``decode_image`` (header check, truncation check) vs bare
-``cv2.imdecode``; ``check_dataset`` (lenient, per-entry Python) vs the strict ``COCODetection`` index
+``cv2.imdecode``; ``check_dataset`` (the schema plus its warning passes) vs the strict ``COCODetection`` index
 on the same JSON; ``data check`` image reading with 1 and 2 threads.
 
 Run: python benchmarks/bench_reliability.py  (medians of repeated interleaved runs and ratios; nothing asserted).

@@ -99,7 +99,7 @@ def fake_detector(images: list[np.ndarray]) -> list[Any]:
     """A deterministic stand-in detector: knows each image by its (distinct) size, returns shifted gt + a false positive."""
     import torch
 
-    from atssdet.postprocess import Detections
+    from atssdet.structures import Detections
 
     by_size = {(h, w): objects for _, _, h, w, objects in IMAGES}
     out = []
@@ -166,7 +166,7 @@ def eval_worker(
     """
     _torchrun_env(rank, world_size, port)
     from atssdet import distributed
-    from atssdet.evaluate import evaluate
+    from atssdet.evaluation import evaluate
 
     distributed.init_distributed(device="cpu", timeout=30)
     report = evaluate(fake_detector, ann_file, image_dir, batch_size=2, device="cpu", out=out, progress=False)

@@ -29,7 +29,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-_SCRATCH = {".git", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache", "__pycache__", "build", "dist"}
+_SCRATCH = {
+    ".git",
+    ".venv",
+    ".hypothesis",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".ruff_cache",
+    "__pycache__",
+    "build",
+    "dist",
+}
 
 
 def _checkout_files() -> set[str]:
@@ -94,7 +104,7 @@ def r18_outputs(reference_dir: Path):
 
 @pytest.fixture(scope="session")
 def r18_model(r18_checkpoint: Path):
-    from atssdet.zoo import load
+    from atssdet.loader import load
 
     return load(R18, weights=r18_checkpoint)
 
@@ -102,7 +112,7 @@ def r18_model(r18_checkpoint: Path):
 @pytest.fixture(scope="session")
 def r18_model_mge(r18_checkpoint: Path):
     """The reference res18 with ``numerics="megengine"`` (MegEngine-rounded head GroupNorm)."""
-    from atssdet.zoo import load
+    from atssdet.loader import load
 
     return load(R18, weights=r18_checkpoint, overrides={"numerics": "megengine"})
 

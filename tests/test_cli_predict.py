@@ -131,8 +131,8 @@ def test_cli_numerics_megengine(reference_dir: Path, r18_checkpoint: Path, tmp_p
 
 
 def test_numerics_megengine_is_refused_where_it_cannot_run(r18_model_mge, tmp_path: Path) -> None:
+    from atssdet.detector import Detector
     from atssdet.export import export_onnx
-    from atssdet.predict import Detector
 
     with pytest.raises(ValueError, match="cannot be traced to ONNX"):
         export_onnx(r18_model_mge, tmp_path / "m.onnx")
@@ -168,7 +168,7 @@ def test_cli_video_frames_json_and_drawn_mp4(
 ):
     """A video among the inputs: every frame detected like an image; a drawn .mp4 (same size, frame
     count and rate) and one JSON line per frame; a corrupt video is reported and skipped."""
-    from atssdet.predict import Detector
+    from atssdet.detector import Detector
 
     cat = cv2.imread(str(reference_dir / "cat.jpg"))
     frames = [np.ascontiguousarray(np.roll(cat, 12 * i, axis=1)[:240, :320]) for i in range(4)]
@@ -203,7 +203,8 @@ def test_cli_video_frames_json_and_drawn_mp4(
 
 
 def test_predict_video_api_without_drawing_and_bad_video(r18_safetensors: Path, tmp_path: Path) -> None:
-    from atssdet.predict import Detector, predict_video
+    from atssdet.detector import Detector
+    from atssdet.video import predict_video
 
     frames = [np.full((64, 96, 3), 40 * i, np.uint8) for i in range(3)]
     video = tmp_path / "flat.avi"

@@ -10,8 +10,16 @@ import cv2
 import numpy as np
 import pytest
 
-from atssdet.data.coco import COCODetection, DatasetError, find_coco_split
-from atssdet.data.transforms import EvalTransform
+from atssdet.data.coco import COCODetection, find_coco_split
+from atssdet.data.coco_records import DatasetError
+from atssdet.data.transforms import get_hw_by_short_size, resize_image_and_boxes
+
+
+class _TestResize:
+    """A picklable deterministic transform: the test-time resize, boxes scaled alike (rng unused)."""
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> tuple:
+        return resize_image_and_boxes(image, boxes, get_hw_by_short_size(*image.shape[:2], 40, 100))
 
 
 def _write_image(path: Path, h: int, w: int, value: int = 0) -> None:
@@ -101,7 +109,7 @@ def test_transform_and_seeded_keys(tiny: tuple[Path, Path]) -> None:
         ann,
         root,
         remove_images_without_annotations=True,
-        transform=EvalTransform(short_size=40, max_size=100),
+        transform=_TestResize(),
     )
     image, target = ds[(1, 123)]
     assert image.shape == (40, 60, 3)  # 20x30 -> short side 40

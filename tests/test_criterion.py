@@ -18,9 +18,9 @@ from atssdet.assign import atss_assign
 from atssdet.compat import CompatModel, seed_training_losses
 from atssdet.config import ATSSConfig
 from atssdet.criterion import atss_loss
+from atssdet.loader import load
 from atssdet.modeling.atss import ATSSOutput
 from atssdet.ops.points import grid_points
-from atssdet.zoo import load
 from tests.conftest import R18
 
 STRIDES = (8, 16, 32, 64, 128)

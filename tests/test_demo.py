@@ -13,7 +13,7 @@ import torch
 from atssdet.config import BACKBONE_CHANNELS, DEMO_PRESETS, SHAPE_CLASSES
 from atssdet.demo import CHECKPOINT_NAME, QUICK_PLAN, DemoPlan, checkpoint_matches, demo_config, run_demo
 from atssdet.demo_plots import draw_enlarged, make_grid
-from atssdet.evaluate import STAT_NAMES
+from atssdet.evaluation.coco import STAT_NAMES
 from atssdet.modeling.resnet import ResNet
 from tests.conftest import run_cli
 
@@ -50,9 +50,9 @@ def test_demo_writes_every_output(demo_run) -> None:
 
 def test_demo_checkpoint_loads_with_its_config(demo_run) -> None:
     out, result = demo_run
-    from atssdet.zoo import load_model
+    from atssdet.loader import load
 
-    model = load_model(weights=result.checkpoint)
+    model = load(weights=result.checkpoint)
     assert model.cfg == demo_config(QUICK_PLAN)
     assert model.cfg.class_names == SHAPE_CLASSES
     assert checkpoint_matches(result.checkpoint, demo_config(QUICK_PLAN))

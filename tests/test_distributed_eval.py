@@ -14,7 +14,8 @@ import torch
 import torch.multiprocessing as tmp
 
 from atssdet import distributed
-from atssdet.evaluate import STAT_NAMES, coco_stats, evaluate
+from atssdet.evaluation import evaluate
+from atssdet.evaluation.coco import STAT_NAMES, coco_stats
 from tests.coco_synth import (
     IMAGES,
     TINY_CFG,

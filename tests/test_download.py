@@ -16,7 +16,8 @@ import torch
 
 from atssdet.convert import CheckpointError
 from atssdet.download import DownloadError, cache_status, converted_path, fetch_pretrained, raw_path
-from atssdet.zoo import ZOO, load
+from atssdet.loader import load
+from atssdet.zoo import ZOO
 
 R18 = "atss_res18_coco_3x_800size"
 ENTRY = ZOO[R18]

@@ -14,19 +14,11 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from atssdet.evaluate import (
-    STAT_NAMES,
-    coco_stats,
-    detections_to_coco,
-    evaluate,
-    expand_checkpoints,
-    format_stats_table,
-    load_metrics,
-    metrics_path_for,
-    per_class_ap,
-    run_cocoeval,
-)
-from atssdet.postprocess import Detections
+from atssdet.evaluation import evaluate
+from atssdet.evaluation.coco import STAT_NAMES, coco_stats, detections_to_coco, per_class_ap, run_cocoeval
+from atssdet.evaluation.report import metrics_path_for
+from atssdet.evaluation.tables import expand_checkpoints, format_stats_table, load_metrics
+from atssdet.structures import Detections
 from tests.coco_synth import (
     CAT_IDS,
     IMAGES,
@@ -208,10 +200,11 @@ def test_evaluate_model_equals_det_evaluator_predict(split, tiny_model, tmp_path
 
 
 def test_model_runner_groups_by_padded_size(tiny_model):
-    from atssdet.evaluate import ModelRunner
+    from atssdet.batching import padded_size
+    from atssdet.evaluation.loop import ModelRunner
 
     runner = ModelRunner(tiny_model, device=torch.device("cpu"))
-    keys = {name: runner.batch_key(h, w) for name, _, h, w, _ in IMAGES}
+    keys = {name: padded_size(*runner.resized_hw(h, w)) for name, _, h, w, _ in IMAGES}
     assert keys == {
         "b.png": (96, 128),
         "street view.jpg": (128, 96),  # 150x120 -> 120x96
@@ -225,6 +218,8 @@ def test_evaluate_rejects_class_count_mismatch(split, tiny_model, tmp_path):
     ann_file, image_dir = split
     data = json.loads(ann_file.read_text())
     data["categories"] = data["categories"][:2]
+    kept = {c["id"] for c in data["categories"]}  # a valid file: no annotation of the dropped category
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] in kept]
     bad = tmp_path / "two_classes.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="2 categories but the model predicts 3 classes"):

@@ -16,14 +16,16 @@ import torch
 from atssdet.compat import DetEvaluator
 from atssdet.config import COCO_CLASSES, ATSSConfig
 from atssdet.data.transforms import images_to_batch
-from atssdet.postprocess import Detections, dense_scores_and_boxes, select_detections
+from atssdet.postprocess import dense_scores_and_boxes, select_detections
+from atssdet.structures import Detections
 from tests.conftest import R18, run_cli
 from tests.helpers import assert_dets_match
 
 pytest.importorskip("onnx", reason="onnx is an optional extra (pip install atssdet[export])")
 pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (pip install atssdet[export])")
 
-from atssdet.export import OnnxDetector, export_onnx, onnx_signature, read_onnx_metadata  # noqa: E402
+from atssdet.export import export_onnx  # noqa: E402
+from atssdet.runtime.ort_runner import OrtRunner, onnx_signature, read_onnx_metadata  # noqa: E402
 
 IMAGES = ("cat", "synth_600x900", "synth_1000x700")
 SCORE_ATOL = 1e-4
@@ -53,8 +55,8 @@ def dense_onnx(r18_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def dense_detector(dense_onnx) -> OnnxDetector:
-    return OnnxDetector(dense_onnx, device="cpu")
+def dense_detector(dense_onnx) -> OrtRunner:
+    return OrtRunner(dense_onnx, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -141,12 +143,12 @@ def _assert_same_detections(got: Detections, want: Detections | np.ndarray) -> N
 
 def test_nms_onnx_equals_predict_on_reference_images(nms_onnx, r18_model, r18_outputs):
     """Acceptance 2: --with-nms detections equal DetEvaluator.predict, one image at a time and batched."""
-    detector = OnnxDetector(nms_onnx)
+    detector = OrtRunner(nms_onnx)
     evaluator = DetEvaluator(r18_model)
     for name in IMAGES:
         data, info = DetEvaluator.process_inputs(r18_outputs[f"{name}__image"], 160, 256)
         want = evaluator.predict(data, info)
-        (got,) = detector.predict_batch(data, info[:, 0:2], info[:, 2:4])
+        (got,) = detector.detect(data, info[:, 0:2], info[:, 2:4], detector.baked)
         assert len(got) == 100
         _assert_same_detections(got, want)
     # A padded batch of different sizes: the graph runs it as given, so compare with PyTorch on the
@@ -154,7 +156,7 @@ def test_nms_onnx_equals_predict_on_reference_images(nms_onnx, r18_model, r18_ou
     images, image_hw, orig_hw = _prepare(r18_outputs, IMAGES, 160, 256)
     with torch.inference_mode():
         wants = select_detections(*dense_scores_and_boxes(r18_model(images), image_hw, orig_hw))
-    gots = detector.predict_batch(images, image_hw, orig_hw)
+    gots = detector.detect(images, image_hw, orig_hw, detector.baked)
     assert len(gots) == len(wants) == 3
     for got, want in zip(gots, wants, strict=True):
         _assert_same_detections(got, want)
@@ -175,7 +177,8 @@ def test_nms_onnx_ordering_both_paths(
     assert min(counts) < max_detections < max(counts)  # both orderings are exercised
     want = select_detections(scores, boxes, max_detections=max_detections, **kwargs)
     path = export_onnx(r18_model, tmp_path / "m.onnx", with_nms=True, max_detections=max_detections, **kwargs)
-    got = OnnxDetector(path).predict_batch(images, image_hw, orig_hw)
+    runner = OrtRunner(path)
+    got = runner.detect(images, image_hw, orig_hw, runner.baked)
     for g, w in zip(got, want, strict=True):
         _assert_same_detections(g, w)
         if len(w) < max_detections:
@@ -189,7 +192,8 @@ def test_dense_detector_predict_batch_matches_select_detections(dense_detector, 
         scores, boxes = dense_scores_and_boxes(r18_model(images), image_hw, orig_hw)
     classes = torch.tensor([0, 15, 56])
     want = select_detections(scores, boxes, score_threshold=0.1, classes=classes)
-    got = dense_detector.predict_batch(images, image_hw, orig_hw, score_threshold=0.1, classes=classes)
+    options = dense_detector.baked.replace(score_threshold=0.1, classes=tuple(classes.tolist()))
+    got = dense_detector.detect(images, image_hw, orig_hw, options)
     for g, w in zip(got, want, strict=True):
         assert len(w) > 0
         _assert_same_detections(g, w)
@@ -209,10 +213,11 @@ def test_metadata_round_trip(dense_onnx, nms_onnx, r18_model):
 
     assert meta["atssdet_version"] == __version__
     assert meta["model_name"] == R18 and meta["outputs"] == "dense"
-    detector = OnnxDetector(nms_onnx)
+    detector = OrtRunner(nms_onnx)
     assert detector.with_nms and detector.class_names == COCO_CLASSES and detector.cfg == r18_model.cfg
-    assert (detector.score_threshold, detector.nms_threshold, detector.max_detections) == (0.05, 0.6, 100)
-    assert detector.class_agnostic is False
+    baked = detector.baked
+    assert (baked.score_threshold, baked.nms_threshold, baked.max_detections) == (0.05, 0.6, 100)
+    assert baked.class_agnostic is False
 
 
 def test_cli_export_prints_path_and_signature(nms_cli_run):
@@ -237,16 +242,16 @@ def test_bad_inputs_and_options_are_named(dense_detector, nms_onnx, tmp_path):
     from atssdet.cli import main
 
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
-        OnnxDetector(tmp_path / "missing.onnx")
+        OrtRunner(tmp_path / "missing.onnx")
     detector = dense_detector
     hw = torch.tensor([[64.0, 64.0]])
     with pytest.raises(ValueError, match=r"images must be \[N, 3, H, W\]"):
         detector.run(np.zeros((1, 64, 64, 3), np.float32), hw, hw)
     with pytest.raises(ValueError, match=r"orig_hw must be \[1, 2\]"):
         detector.run(np.zeros((1, 3, 64, 64), np.float32), hw, torch.zeros(2, 2))
-    nms = OnnxDetector(nms_onnx)
+    nms = OrtRunner(nms_onnx)
     with pytest.raises(ValueError, match="score_threshold=0.3 differs"):
-        nms.predict_batch(np.zeros((1, 3, 64, 64), np.float32), hw, hw, score_threshold=0.3)
+        nms.detect(np.zeros((1, 3, 64, 64), np.float32), hw, hw, nms.baked.replace(score_threshold=0.3))
     with pytest.raises(ValueError, match="exported with NMS"):
         nms.dense(np.zeros((1, 3, 64, 64), np.float32), hw, hw)
     assert main(["export", "--out", str(tmp_path / "x.onnx")]) == 2
@@ -274,7 +279,7 @@ def test_onnx_nms_conventions_match_torchvision():
     from onnx import TensorProto, helper
     from torchvision.ops import nms
 
-    from atssdet.export import onnx_iou_threshold
+    from atssdet.export_graph import onnx_iou_threshold
 
     node = helper.make_node("NonMaxSuppression", ["boxes", "scores", "max", "iou", "thr"], ["sel"])
     graph = helper.make_graph(
@@ -328,7 +333,7 @@ def test_detector_and_cli_predict_run_onnx_files(r18_model, r18_outputs, dense_o
     """`Detector.from_checkpoint(x.onnx)` and `predict --weights x.onnx` give PyTorch's detections."""
     import cv2
 
-    from atssdet.predict import Detector
+    from atssdet.detector import Detector
 
     images = [r18_outputs[f"{name}__image"] for name in ("cat", "synth_600x900")]
     ref = Detector(r18_model, device="cpu", short_size=160, max_size=256).predict(images, batch_size=2)
@@ -339,7 +344,8 @@ def test_detector_and_cli_predict_run_onnx_files(r18_model, r18_outputs, dense_o
             assert len(b) > 0 and a.names == b.names
             assert_dets_match(a.to_array().numpy(), b.to_array().numpy(), score_tol=1e-4, box_tol=0.02)
     with pytest.raises(ValueError, match="flip TTA"):
-        Detector.from_checkpoint(nms_onnx).predict(images[:1], flip_tta=True)
+        det = Detector.from_checkpoint(nms_onnx)
+        det.predict(images[:1], options=det.options.replace(flip_tta=True))
     image_path = tmp_path / "cat.png"
     cv2.imwrite(str(image_path), images[0])
     result = run_cli("predict", str(image_path), "--weights", str(dense_onnx), "--out", str(tmp_path / "out"))
@@ -373,4 +379,4 @@ def test_raw_input_onnx_reproduces_megengine_from_the_decoded_image(raw_cli_run,
         got = detections[0, : int(count[0])].astype(np.float64)
         assert_dets_match(got, r18_outputs[f"{name}__dets"])  # same tolerances as the PyTorch path
     with pytest.raises(ValueError, match=r"r18_raw\.onnx: exported with --raw-input"):
-        OnnxDetector(out)
+        OrtRunner(out)

@@ -10,8 +10,13 @@ import torch
 from atssdet.compat import DetEvaluator
 from atssdet.config import COCO_CLASSES
 from atssdet.convert import CheckpointError, save_safetensors
-from atssdet.postprocess import Detections
-from atssdet.predict import Detector, expand_inputs, unflip_boxes
+from atssdet.detector import Detector, unflip_boxes
+from atssdet.evaluation.coco import detections_to_coco
+from atssdet.options import parse_classes
+from atssdet.predict import expand_inputs
+from atssdet.structures import Detections
+from atssdet.visualize import save_detections
+from atssdet.zoo import coco_category_ids
 
 # Small test sizes keep the res18 runs fast on a shared CPU.
 SHORT, MAX = 160, 256
@@ -48,7 +53,7 @@ def test_matches_megengine_and_seed_evaluator(
     np.testing.assert_allclose(result.boxes.numpy(), ref[:, :4], atol=5e-3)
     # The seed-compatible evaluator gives the same thing.
     data, im_info = DetEvaluator.process_inputs(image, SHORT, MAX)
-    seed = DetEvaluator(detector.model).predict(image=data, im_info=im_info)
+    seed = DetEvaluator(detector.runner.model).predict(image=data, im_info=im_info)
     assert isinstance(seed, np.ndarray)
     np.testing.assert_array_equal(result.to_array().numpy()[:, 5], seed[:, 5])
     np.testing.assert_allclose(result.to_array().numpy(), seed, atol=1e-4)
@@ -105,10 +110,14 @@ def test_options_classes_agnostic_and_thresholds(
     image = r18_outputs["cat__image"]
     spoon = COCO_CLASSES.index("spoon")
     threshold = float(cat_result.scores.sort().values[-10])  # the 10th best score
+    opts = detector.options
+    spoon_73 = opts.replace(classes=parse_classes(["spoon", 73], COCO_CLASSES))
     only, agnostic, strict = (
-        detector.predict([image], classes=["spoon", 73])[0],
-        detector.predict([image], class_agnostic=True, nms_threshold=0.5, max_detections=20)[0],
-        detector.predict([image], score_threshold=threshold)[0],
+        detector.predict([image], options=spoon_73)[0],
+        detector.predict(
+            [image], options=opts.replace(class_agnostic=True, nms_threshold=0.5, max_detections=20)
+        )[0],
+        detector.predict([image], options=opts.replace(score_threshold=threshold))[0],
     )
     assert set(only.labels.tolist()) == {spoon, 73}
     # The filter acts before NMS and the top-100 cut: every spoon/73 box of the full result is kept.
@@ -121,8 +130,10 @@ def test_options_classes_agnostic_and_thresholds(
     iou = box_iou(agnostic.boxes, agnostic.boxes).fill_diagonal_(0)
     assert iou.max() <= 0.5
     assert len(strict) == 9 and strict.scores.min() > threshold
-    with pytest.raises(ValueError, match="unknown class name 'unicorn'"):
-        detector.predict([image], classes=["unicorn"])
+    with pytest.raises(ValueError, match="'unicorn': unknown class name"):
+        parse_classes(["unicorn"], detector.cfg.class_names)
+    with pytest.raises(ValueError, match="label id 80 out of range 0..79"):
+        detector.predict([image], options=opts.replace(classes=(80,)))
 
 
 def test_unflip_boxes_hand_computed() -> None:
@@ -134,7 +145,7 @@ def test_unflip_boxes_hand_computed() -> None:
 def test_flip_tta_is_mirror_symmetric(detector: Detector, cat_result: Detections, r18_outputs) -> None:
     image = r18_outputs["cat__image"]
     mirrored = np.ascontiguousarray(image[:, ::-1])
-    tta, tta_mirrored = detector.predict([image, mirrored], flip_tta=True)
+    tta, tta_mirrored = detector.predict([image, mirrored], options=detector.options.replace(flip_tta=True))
     # TTA pools the plain pass's candidates with the flipped pass's, so its best score can only grow.
     assert tta.scores.max() >= cat_result.scores.max() - 1e-5  # batch of 2 vs 1: last-bit rounding
     # Running TTA on the mirrored image sees the same two views: mirrored results.
@@ -164,21 +175,22 @@ def test_result_helpers() -> None:
         "label": 0,
         "name": "person",
     }
-    coco = dets.to_coco(7)
+    coco = detections_to_coco([dets], [7], coco_category_ids(dets.class_names))
     assert coco[0] == {"image_id": 7, "category_id": 1, "bbox": [10.0, 20.0, 40.0, 60.0], "score": 0.75}
     assert coco[1]["category_id"] == 90  # label 79 is COCO category 90 (ids have gaps)
-    assert [c["category_id"] for c in dets.to_coco(7, category_ids=list(range(100, 180)))] == [100, 179]
+    assert [c["category_id"] for c in detections_to_coco([dets], [7], list(range(100, 180)))] == [100, 179]
+    assert list(coco_category_ids(("a", "b"))) == [1, 2]  # other label sets: label + 1
 
 
 def test_save_json_is_atomic_round_trip(tmp_path: Path) -> None:
     dets = Detections(
         torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([0.5]), torch.tensor([2]), COCO_CLASSES
     )
-    path = dets.save(tmp_path / "out" / "r.json")
+    path = save_detections(dets, tmp_path / "out" / "r.json")
     assert json.loads(path.read_text()) == dets.to_dict()
     assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]
     with pytest.raises(ValueError, match="unsupported output type"):
-        dets.save(tmp_path / "r.txt")
+        save_detections(dets, tmp_path / "r.txt")
 
 
 def test_from_checkpoint(tmp_path: Path, r18_model, r18_checkpoint: Path, r18_outputs) -> None:

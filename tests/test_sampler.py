@@ -1,4 +1,4 @@
-"""Grouped batch sampler and inference sharding: grouping, disjoint/complete shards, determinism, resume."""
+"""Grouped batch sampler: grouping, disjoint/complete shards, determinism, resume."""
 
 from __future__ import annotations
 
@@ -7,13 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from atssdet.data.sampler import (
-    GroupedBatchSampler,
-    InferenceSampler,
-    aspect_ratio_group_ids,
-    merge_shards,
-    shard_range,
-)
+from atssdet.data.sampler import GroupedBatchSampler, aspect_ratio_group_ids
 
 RATIOS = np.array([0.5, 1.0, 1.5, 0.75, 0.99, 2.0, 1.0, 0.3, 1.2, 0.8, 0.6, 1.1, 0.9])  # 13 images
 
@@ -80,20 +74,11 @@ def test_bad_arguments() -> None:
         GroupedBatchSampler(RATIOS[:2], 1, rank=0, world_size=3)
 
 
-@pytest.mark.parametrize(("n", "world"), [(10, 3), (7, 2), (2, 4), (0, 2), (13, 1)])
-def test_inference_sharding_complete_and_ordered(n: int, world: int) -> None:
-    shards = [list(InferenceSampler(n, rank=r, world_size=world)) for r in range(world)]
-    assert merge_shards(shards) == list(range(n))
-    sizes = [len(s) for s in shards]
-    assert max(sizes) - min(sizes) <= 1
-    assert [len(InferenceSampler(n, rank=r, world_size=world)) for r in range(world)] == sizes
-    assert shard_range(n, world - 1, world).stop == n
-
-
 def test_dataloader_workers_reproducible(tmp_path) -> None:
     """COCODetection + GroupedBatchSampler + collate in 2 workers == in-process, batch for batch."""
+    from atssdet import distributed
     from atssdet.data.coco import COCODetection
-    from atssdet.data.loader import build_eval_loader, build_train_loader
+    from atssdet.data.loader import build_train_loader
     from atssdet.data.synth import generate_synthetic_dataset
     from atssdet.data.transforms import TrainTransform
 
@@ -124,8 +109,6 @@ def test_dataloader_workers_reproducible(tmp_path) -> None:
         assert (a.image_hw.min(dim=1).values >= 40).all()
 
     val = COCODetection(out.train_ann, out.train_images, remove_images_without_annotations=False)
-    shards = [
-        [b.image_ids for b in build_eval_loader(val, batch_size=2, num_workers=0, rank=r, world_size=4)]
-        for r in range(4)
-    ]
-    assert [i for ids in merge_shards(shards) for i in ids] == val.image_ids
+    # Evaluation shards the sorted image ids across ranks (evaluation.loop): every image exactly once.
+    shards = [distributed.shard(val.image_ids, rank=r, world_size=4) for r in range(4)]
+    assert sorted(i for ids in shards for i in ids) == val.image_ids

@@ -20,12 +20,15 @@ pytest.importorskip("fastapi", reason="the 'serve' extra (fastapi) is not instal
 pytest.importorskip("multipart", reason="the 'serve' extra (python-multipart) is not installed")
 httpx = pytest.importorskip("httpx", reason="the 'serve' extra (httpx) is not installed")
 
-from atssdet import serve  # noqa: E402
 from atssdet.cli import main  # noqa: E402
 from atssdet.compat import CompatModel, DetEvaluator  # noqa: E402
 from atssdet.config import COCO_CLASSES, with_overrides  # noqa: E402
-from atssdet.postprocess import Detections, select_detections  # noqa: E402
-from atssdet.serve import ApiError, DetectOptions, DynamicBatcher, create_app, decode_upload  # noqa: E402
+from atssdet.detector import Detector  # noqa: E402
+from atssdet.loader import load  # noqa: E402
+from atssdet.options import InferenceOptions  # noqa: E402
+from atssdet.postprocess import select_detections  # noqa: E402
+from atssdet.serve import ApiError, DynamicBatcher, create_app, decode_upload, request_options  # noqa: E402
+from atssdet.structures import Detections  # noqa: E402
 from tests.conftest import R18  # noqa: E402
 from tests.helpers import assert_dets_match  # noqa: E402
 
@@ -61,8 +64,14 @@ def small_cfg(r18_model):
 
 
 @pytest.fixture(scope="module")
-def app(r18_model, small_cfg):
-    app = create_app(r18_model, model_name=R18, cfg=small_cfg, max_batch=8, max_wait_ms=20)
+def small_detector(r18_checkpoint):
+    """The reference res18 served at the small test sizes (its config carries them, as `serve --set`)."""
+    return Detector(load(R18, weights=r18_checkpoint, overrides=SMALL))
+
+
+@pytest.fixture(scope="module")
+def app(small_detector):
+    app = create_app(small_detector, model_name=R18, max_batch=8, max_wait_ms=20)
     yield app
     app.state.batcher.stop()
 
@@ -109,16 +118,11 @@ def test_detect_equals_det_evaluator_predict(app, uploads, expected):
         assert 1 <= body["batch_size"] <= 3
 
 
-def test_detect_batch_mixed_sizes_equals_predict(r18_model, small_cfg, uploads, expected):
-    """One ``_detect_batch`` call over images of two padded sizes: each image as if alone."""
+def test_detect_batch_mixed_sizes_equals_predict(app, small_cfg, uploads, expected):
+    """One call of the app's batch function over images of two padded sizes: each image as if alone."""
     images = [cv2.imdecode(np.frombuffer(uploads[n], np.uint8), cv2.IMREAD_COLOR) for n in NAMES]
-    dets = serve._detect_batch(
-        r18_model,
-        [images[0], images[1], images[0]],
-        cfg=small_cfg,
-        score_threshold=small_cfg.test_cls_threshold,
-        classes=None,
-        class_agnostic=False,
+    dets = app.state.batcher.detect(
+        [images[0], images[1], images[0]], InferenceOptions.from_config(small_cfg)
     )
     for d, name in zip(dets, [NAMES[0], NAMES[1], NAMES[0]], strict=True):
         assert_dets_match(d.to_array().numpy(), expected[name])
@@ -152,9 +156,7 @@ def test_options_form_and_query(app, r18_model, small_cfg, uploads):
     assert_dets_match(_as_array(body), ref(score_threshold=0.25, class_agnostic=True))
 
 
-def test_bad_uploads_get_documented_codes_and_server_keeps_serving(
-    app, r18_model, small_cfg, uploads, expected
-):
+def test_bad_uploads_get_documented_codes_and_server_keeps_serving(app, small_detector, uploads, expected):
     cases = [
         # (files, form data, status, words the JSON error must contain)
         ({"file": ("notes.txt", b"hello, not an image")}, {}, 415, ["notes.txt", "not a supported image"]),
@@ -170,6 +172,7 @@ def test_bad_uploads_get_documented_codes_and_server_keeps_serving(
         ({"file": ("a.jpg", uploads["cat.jpg"])}, {"score_threshold": "abc"}, 422, ["score_threshold"]),
         ({"file": ("a.jpg", uploads["cat.jpg"])}, {"classes": "person,dgo"}, 422, ["'dgo'"]),
         ({"file": ("a.jpg", uploads["cat.jpg"])}, {"classes": "80"}, 422, ["80", "out of range"]),
+        ({"file": ("a.jpg", uploads["cat.jpg"])}, {"classes": "\u00b2"}, 422, ["classes", "'\u00b2'"]),
     ]
     for files, data, status, words in cases:
         resp = _request(app, "POST", "/v1/detect", files=files, data=data)
@@ -179,7 +182,7 @@ def test_bad_uploads_get_documented_codes_and_server_keeps_serving(
             assert word in error, (word, error)
 
     # Size limit: declared (Content-Length) and streamed (chunked, no length) bodies over the limit.
-    small = create_app(r18_model, model_name=R18, cfg=small_cfg, max_upload_mb=0.05)
+    small = create_app(small_detector, model_name=R18, max_upload_mb=0.05)
     assert len(uploads["cat.jpg"]) > 0.05 * 2**20
     resp = _detect(small, uploads["cat.jpg"])
     assert resp.status_code == 413 and "0.05 MB upload limit" in resp.json()["error"]
@@ -216,31 +219,31 @@ def test_bad_uploads_get_documented_codes_and_server_keeps_serving(
 
 
 def test_failing_inference_returns_500_and_server_recovers(app, uploads, expected, monkeypatch):
-    real = serve._detect_batch
+    real = app.state.batcher.detect
 
     def broken(*args: Any, **kwargs: Any) -> list[Detections]:
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(serve, "_detect_batch", broken)
+    monkeypatch.setattr(app.state.batcher, "detect", broken)
     resp = _detect(app, uploads["cat.jpg"])
     assert resp.status_code == 500
     assert resp.json()["error"] == "inference failed: RuntimeError: out of memory (simulated)"
     assert _request(app, "GET", "/healthz").json()["status"] == "ok"
 
-    monkeypatch.setattr(serve, "_detect_batch", real)
+    monkeypatch.setattr(app.state.batcher, "detect", real)
     resp = _detect(app, uploads["cat.jpg"])
     assert resp.status_code == 200
     assert_dets_match(_as_array(resp.json()), expected["cat.jpg"])
 
 
-def test_batcher_takes_queued_requests_together_in_order(monkeypatch):
+def test_batcher_takes_queued_requests_together_in_order():
     """While the worker is busy, requests queue; the next batch takes up to max_batch of them,
     split by options, and every request gets its own result."""
-    calls: list[tuple[int, DetectOptions]] = []
+    calls: list[tuple[int, InferenceOptions]] = []
     entered, release = threading.Event(), threading.Event()
 
-    def fake(model: Any, images: list[np.ndarray], *, cfg: Any, **options: Any) -> list[Detections]:
-        calls.append((len(images), DetectOptions(**options)))
+    def fake(images: list[np.ndarray], options: InferenceOptions) -> list[Detections]:
+        calls.append((len(images), options))
         if len(calls) == 1:
             entered.set()
             assert release.wait(10)
@@ -252,11 +255,10 @@ def test_batcher_takes_queued_requests_together_in_order(monkeypatch):
             for im in images
         ]
 
-    monkeypatch.setattr(serve, "_detect_batch", fake)
-    batcher = DynamicBatcher(cast(Any, None), cast(Any, None), max_batch=8, max_wait_ms=0)
+    batcher = DynamicBatcher(fake, max_batch=8, max_wait_ms=0)
     default, other = (
-        DetectOptions(score_threshold=0.05),
-        DetectOptions(score_threshold=0.5, class_agnostic=True),
+        InferenceOptions(score_threshold=0.05),
+        InferenceOptions(score_threshold=0.5, class_agnostic=True),
     )
     try:
         futures = [batcher.submit(np.full((2, 2, 3), 0, np.uint8), default)]
@@ -305,12 +307,20 @@ def test_decode_upload_and_parse_classes():
         assert err.value.status == status, data
 
     names = ("person", "traffic light", "cat")
-    assert serve.parse_classes(None, names) is None
-    assert serve.parse_classes(" , ", names) is None
-    assert serve.parse_classes("cat, Traffic Light,0,2", names) == (0, 1, 2)
-    for bad in ("dog", "3", "-1"):
-        with pytest.raises(ApiError, match="classes"):
-            serve.parse_classes(bad, names)
+    defaults = InferenceOptions()
+    assert request_options(defaults, names, classes=None).classes is None
+    assert request_options(defaults, names, classes=" , ").classes is None
+    assert request_options(defaults, names, classes="cat, Traffic Light,0,2").classes == (0, 1, 2)
+    for bad in ("dog", "3", "-1", "\u00b2"):  # "²" is a digit to str.isdigit, yet no label id
+        with pytest.raises(ApiError, match="classes") as err:
+            request_options(defaults, names, classes=bad)
+        assert err.value.status == 422
+    for value in (1.5, -0.1, float("nan")):
+        with pytest.raises(ApiError, match="score_threshold") as err:
+            request_options(defaults, names, score_threshold=value)
+        assert err.value.status == 422
+    opts = request_options(defaults, names, score_threshold=0.3, class_agnostic=True)
+    assert opts == defaults.replace(score_threshold=0.3, class_agnostic=True)
 
 
 def test_cli_serve_rejects_bad_arguments(r18_checkpoint, capsys):

@@ -140,9 +140,9 @@ def test_loss_falls_by_half_and_files_are_written(reference_run):
     assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
     assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
     assert ATSSConfig.from_json(state["config"]).class_names == dataset_classes()
-    from atssdet.zoo import load_model
+    from atssdet.loader import load
 
-    model = load_model(weights=out / "model_final.safetensors")  # what `eval/predict --weights` do
+    model = load(weights=out / "model_final.safetensors")  # what `eval/predict --weights` do
     assert model.cfg.num_classes == 6
     final = load_checkpoint(out / "iter_00000050.pt")["model"]
     for key, value in model.state_dict().items():

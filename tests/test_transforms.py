@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from atssdet.data.collate import collate_detection, to_megengine_inputs
+from atssdet.data.collate import DetectionBatch, collate_detection
 from atssdet.data.transforms import (
     TrainTransform,
     get_hw_by_short_size,
@@ -20,6 +20,23 @@ from atssdet.data.transforms import (
 )
 
 R18 = "atss_res18_coco_3x_800size"
+
+
+def to_megengine_inputs(batch: DetectionBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seed's training inputs (MegEngine ``DetectionPadCollator`` layout), to compare with the reference.
+
+    ``image`` float32 [N, 3, H, W], ``im_info`` float32 [N, 5] = (h, w, orig_h, orig_w, num_gts) and
+    ``gt_boxes`` float32 [N, M_max, 5] = (x1, y1, x2, y2, class 1..C), zero rows past ``num_gts``.
+    """
+    n = len(batch.targets)
+    m_max = max((len(t.labels) for t in batch.targets), default=0)
+    gt_boxes = torch.zeros((n, m_max, 5), dtype=torch.float32)
+    for i, t in enumerate(batch.targets):
+        gt_boxes[i, : len(t.labels), :4] = t.boxes
+        gt_boxes[i, : len(t.labels), 4] = (t.labels + 1).to(torch.float32)
+    num_gts = torch.tensor([len(t.labels) for t in batch.targets], dtype=torch.float32)[:, None]
+    im_info = torch.cat([batch.image_hw.to(torch.float32), batch.orig_hw.to(torch.float32), num_gts], dim=1)
+    return batch.images, im_info, gt_boxes
 
 
 def test_train_step_parity(reference_dir: Path) -> None:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from atssdet.config import COCO_CLASSES
-from atssdet.postprocess import Detections
-from atssdet.visualize import class_color, draw_detections
+from atssdet.structures import Detections
+from atssdet.visualize import DRAW_SCORE_THRESHOLD, class_color, draw, draw_detections, save_detections
 
 
 def test_class_colors_are_distinct_for_all_coco_classes() -> None:
@@ -25,7 +25,7 @@ def test_class_zero_box_is_drawn() -> None:
         class_names=COCO_CLASSES,
         image=image,
     )
-    drawn = dets.plot(thickness=1)
+    drawn = draw(dets, thickness=1)
     color = np.array(class_color(0), dtype=np.uint8)
     assert (image == 128).all(), "plot must not draw on the caller's image"
     # Left and right edges at mid-height, bottom edge at mid-width: exactly the class-0 colour.
@@ -57,13 +57,30 @@ def test_score_threshold_and_colours_per_class() -> None:
 def test_grey_image_and_save(tmp_path) -> None:
     grey = np.full((50, 60), 200, dtype=np.uint8)
     dets = Detections(torch.tensor([[5.0, 25.0, 30.0, 45.0]]), torch.tensor([0.7]), torch.tensor([0]))
-    drawn = dets.plot(grey, thickness=1)
+    drawn = draw(dets, grey, thickness=1)
     assert drawn.shape == (50, 60, 3)
     np.testing.assert_array_equal(drawn[35, 5], class_color(0))
-    out = dets.save(tmp_path / "d.png", image=grey)
+    out = save_detections(dets, tmp_path / "d.png", image=grey)
     import cv2
 
-    np.testing.assert_array_equal(cv2.imread(str(out)), dets.plot(grey))
+    np.testing.assert_array_equal(cv2.imread(str(out)), draw(dets, grey))
     assert [p.name for p in tmp_path.iterdir()] == ["d.png"]  # no temp file left behind
     with pytest.raises(ValueError, match="no image to draw on"):
-        dets.plot()
+        draw(dets)
+
+
+def test_api_and_cli_draw_the_same_boxes_by_default() -> None:
+    """One drawing default (MegEngine's test_vis_threshold, 0.3): draw() leaves out a 0.2 box."""
+    from atssdet.config import ATSSConfig
+
+    assert DRAW_SCORE_THRESHOLD == ATSSConfig().test_vis_threshold == 0.3
+    image = np.zeros((100, 100, 3), dtype=np.uint8)
+    dets = Detections(
+        torch.tensor([[10.0, 30.0, 40.0, 60.0], [60.0, 30.0, 90.0, 60.0]]),
+        torch.tensor([0.8, 0.2]),
+        torch.tensor([3, 5]),
+        image=image,
+    )
+    drawn = draw(dets, thickness=1)
+    np.testing.assert_array_equal(drawn[45, 10], class_color(3))
+    np.testing.assert_array_equal(drawn[45, 60], [0, 0, 0])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from atssdet.cli.common import (
     SubParsers,
@@ -58,10 +57,7 @@ def add_parser(sub: SubParsers) -> None:
     )
     add_set_flag(p, "override a config field, e.g. test_image_short_size=640")
     p.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=None,
-        help="seconds before a stuck collective fails (default 1800)",
+        "--dist-timeout", type=float, help="seconds before a stuck collective fails (default 1800)"
     )
     add_progress_flag(p)
     p.set_defaults(func=run)
@@ -69,80 +65,35 @@ def add_parser(sub: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atssdet import distributed
-    from atssdet.evaluate import (
-        checkpoint_label,
-        evaluate,
-        expand_checkpoints,
-        format_per_class_table,
-        format_stats,
-        format_stats_table,
-    )
-    from atssdet.zoo import load_model
+    from atssdet.evaluation.checkpoints import evaluate_checkpoints
+    from atssdet.evaluation.tables import format_per_class_table, format_stats, format_stats_table
 
-    if args.weights is None and args.model is None:
-        raise ValueError("give --model NAME and/or --weights FILE...")
-    changes = overrides(args)
-    paths = (
-        expand_checkpoints(args.weights, start_epoch=args.start_epoch, end_epoch=args.end_epoch)
-        if args.weights
-        else []
+    results = evaluate_checkpoints(
+        args.weights,
+        args.data,
+        args.images,
+        model=args.model,
+        out=args.out,
+        overrides=overrides(args),
+        device=args.device,
+        start_epoch=args.start_epoch,
+        end_epoch=args.end_epoch,
+        **given(args, "batch_size", "num_workers", "progress", "dist_timeout"),
     )
-    runs: list[tuple[str, str | None]] = [(checkpoint_label(p), str(p)) for p in paths] or [
-        (args.model, None)
-    ]
-    if len(runs) > 1 and "{name}" not in args.out:
-        raise ValueError(f"--out {args.out}: several checkpoints need a {{name}} placeholder in --out")
-    labels = [label for label, _ in runs]
-    if len(set(labels)) != len(labels):
-        raise ValueError("several checkpoints share a file name; evaluate them in separate commands")
-
-    timeout = {} if args.dist_timeout is None else {"timeout": args.dist_timeout}
-    distributed.init_distributed(device=args.device, **timeout)
-    device = distributed.resolve_device(args.device)
-    main = distributed.is_main_process()
     rows = []
-    try:
-        for label, weights in runs:
-            model: Any
-            if weights is not None and weights.endswith(".onnx"):  # an exported file, run by ONNX Runtime
-                from atssdet.predict import Detector
-
-                if changes:
-                    raise ValueError(
-                        f"{weights}: --set does not apply to an ONNX file (its config is baked in)"
-                    )
-                model = Detector.from_checkpoint(weights, device=device.type)
-            else:
-                model = load_model(weights=weights, model_name=args.model, overrides=changes).to(device)
-            if main:
-                print(
-                    f"== {label}: {weights or 'pretrained'} on {args.data} ({distributed.get_world_size()} process(es), {device})"
-                )
-            report = evaluate(
-                model,
-                args.data,
-                args.images,
-                device=device,
-                out=args.out.replace("{name}", label),
-                extra_metrics={"checkpoint": weights, "model": args.model, "name": label},
-                **given(args, "batch_size", "num_workers", "progress"),
-            )
-            rows.append((label, report.stats))
-            if main:
-                print(format_stats(report.stats))
-                print()
-                print(format_per_class_table(report.per_class_ap))
-                print()
-                failed = (
-                    f", {len(report.failed_images)} unreadable image(s) skipped"
-                    if report.failed_images
-                    else ""
-                )
-                print(f"{report.num_images} images, {report.num_detections} detections{failed}")
-                print(f"wrote {report.results_path} and {report.metrics_path}")
-        if main and len(rows) > 1:
-            print()
-            print(format_stats_table(rows))
-    finally:
-        distributed.cleanup()
+    for result in results:
+        report = result.report
+        rows.append((result.label, report.stats))
+        if not distributed.is_main_process():
+            continue
+        print(
+            f"== {result.label}: {result.weights or 'pretrained'} on {args.data} ({result.world_size} process(es))"
+        )
+        print(format_stats(report.stats), format_per_class_table(report.per_class_ap), sep="\n\n", end="\n\n")
+        failed = f", {len(report.failed_images)} unreadable image(s) skipped" if report.failed_images else ""
+        print(f"{report.num_images} images, {report.num_detections} detections{failed}")
+        print(f"wrote {report.results_path} and {report.metrics_path}")
+    if len(rows) > 1 and distributed.is_main_process():
+        print()
+        print(format_stats_table(rows))
     return 0

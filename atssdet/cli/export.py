@@ -48,12 +48,13 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atssdet.export import export_onnx, onnx_signature
-    from atssdet.zoo import load_model
+    from atssdet.export import export_onnx
+    from atssdet.loader import load
+    from atssdet.runtime.ort_runner import onnx_signature
 
     if args.model is None and args.weights is None:
         raise ValueError("give --model NAME and/or --weights FILE")
-    model = load_model(model_name=args.model, weights=args.weights)
+    model = load(args.model, weights=args.weights, pretrained=args.weights is None)
     # Exported on CPU: the graph does not depend on the device it was traced on.
     example_hw = tuple(args.input_hw) if args.input_hw else ((213, 160) if args.dynamic else (800, 1333))
     out = export_onnx(

@@ -17,15 +17,8 @@ from atssdet.cli.common import (
     given,
 )
 
-_OPTIONS = (
-    "batch_size",
-    "score_threshold",
-    "nms_threshold",
-    "max_detections",
-    "class_agnostic",
-    "classes",
-    "flip_tta",
-)
+# Flags that become InferenceOptions fields (same names); --classes is parsed against the model's names.
+_OPTIONS = ("score_threshold", "nms_threshold", "max_detections", "class_agnostic", "flip_tta")
 
 
 def add_parser(sub: SubParsers) -> None:
@@ -66,7 +59,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument(
         "--flip-tta", action="store_true", help="add a horizontally flipped pass (merged before NMS)"
     )
-    p.add_argument("--draw-threshold", type=float, metavar="T", help="draw boxes scoring >= T (config: 0.3)")
+    p.add_argument("--draw-threshold", type=float, metavar="T", help="draw boxes scoring >= T (default 0.3)")
     p.add_argument(
         "--no-draw", dest="draw", action="store_false", help="write only the JSON, no drawn images"
     )
@@ -96,10 +89,16 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atssdet.predict import VIDEO_SUFFIXES, Detector, expand_inputs, predict_files
+    from atssdet.options import InferenceOptions, parse_classes
+
+    changes = given(args, *_OPTIONS)
+    InferenceOptions(**changes)  # bad values fail here, before a model is loaded
+    from atssdet.detector import Detector
+    from atssdet.predict import expand_inputs, predict_files
+    from atssdet.video import VIDEO_SUFFIXES
 
     # Unreadable files are reported once, below, rather than also by the library's warnings.
-    logging.getLogger("atssdet.predict").setLevel(logging.ERROR)
+    logging.getLogger("atssdet.detector").setLevel(logging.ERROR)
     loading = given(args, "device", "short_size", "max_size", "numerics")
     if args.weights is not None:
         detector = Detector.from_checkpoint(args.weights, model=args.model, **loading)
@@ -109,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --model NAME (official weights) or --weights FILE")
     if args.coco_annotations is not None and not args.coco:
         raise ValueError("--coco-annotations only makes sense with --coco")
+    classes = parse_classes(getattr(args, "classes", None), detector.cfg.class_names)
     files, unexpanded = expand_inputs(args.paths)
     videos = [f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
     if videos and args.coco:
@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "detector": detector,
         "out_dir": args.out,
-        **given(args, *_OPTIONS, "draw", "draw_threshold", "progress"),
+        "options": detector.options.replace(**changes, classes=classes),
+        **given(args, "batch_size", "draw", "draw_threshold", "progress"),
     }
     done = _predict_videos(videos, options)
     if videos:
@@ -135,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predict_videos(videos: list[str], options: dict[str, Any]) -> int:
-    """:func:`atssdet.predict.predict_video` on each video (``options``: its keyword arguments); bad
+    """:func:`atssdet.video.predict_video` on each video (``options``: its keyword arguments); bad
     videos are reported and skipped. Returns how many worked."""
-    from atssdet.predict import predict_video
+    from atssdet.video import predict_video
 
     done = 0
     for video in videos:

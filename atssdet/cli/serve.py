@@ -42,17 +42,15 @@ def add_parser(sub: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from atssdet.serve import create_app, load_serving_model, run_server
+        from atssdet.serve import create_app, run_server, serving_detector
     except ImportError as exc:
         raise ValueError(f"serving needs the 'serve' extra (pip install 'atssdet[serve]'): {exc}") from exc
 
     if getattr(args, "max_batch", 1) < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
-    model, cfg, name = load_serving_model(
+    detector, name = serving_detector(
         model_name=args.model, weights=args.weights, device=args.device, overrides=overrides(args)
     )
-    app = create_app(
-        model, model_name=name, cfg=cfg, **given(args, "max_batch", "max_wait_ms", "max_upload_mb")
-    )
+    app = create_app(detector, model_name=name, **given(args, "max_batch", "max_wait_ms", "max_upload_mb"))
     run_server(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

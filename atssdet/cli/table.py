@@ -22,9 +22,7 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atssdet.evaluate import checkpoint_label, format_stats_table, load_coco, load_metrics
+    from atssdet.evaluation.tables import compare_files
 
-    gt = load_coco(args.data) if args.data else None
-    rows = [(checkpoint_label(f), load_metrics(f, gt=gt)) for f in args.files]
-    print(format_stats_table(rows, **given(args, "digits")))
+    print(compare_files(args.files, gt=args.data, **given(args, "digits")))
     return 0

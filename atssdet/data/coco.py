@@ -16,26 +16,24 @@ of the targets in every mode (MegEngine keeps crowd boxes when it does not filte
 evaluation uses that mode and it reads the ground truth from the JSON), and a box that lies
 entirely outside its image (zero area once clipped to ``[0, W] x [0, H]``) or has ``x2 <= x1`` in
 float32 is treated as degenerate too, because it can never be assigned a point.
+
+The file is read and validated by :mod:`atssdet.data.coco_schema` (the rules ``data check`` and
+``eval`` apply too); this module only turns the valid boxes into per-image training targets.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from atssdet.data.coco_records import AnnotationTable, DatasetError, ImageRecord
+from atssdet.data.coco_schema import load_coco_file
 from atssdet.data.image_io import read_image
-
-
-class DatasetError(ValueError):
-    """A malformed or inconsistent dataset; the message names the file and the entry at fault."""
 
 
 class DetectionTarget(TypedDict):
@@ -47,45 +45,12 @@ class DetectionTarget(TypedDict):
     orig_hw: tuple[int, int]  # (H, W) of the image as stored on disk
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    """One image entry of the annotation file."""
-
-    image_id: int
-    file_name: str
-    height: int
-    width: int
-
-
 # transform(image uint8 [H, W, 3], boxes float32 [M, 4], rng) -> (image, boxes)
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 # A dataset key: an index, or (index, seed) as yielded by the grouped batch sampler so that the
 # random augmentation of every sample is reproducible whatever the number of DataLoader workers.
 SampleKey = int | tuple[int, int]
-
-
-# Image sides are checked against a bound so that absurd JSON integers fail here, not in numpy.
-_MAX_SIDE = 2**31
-_SIDE_RULE = "a positive integer below 2**31"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_MAX_ID = 2**63  # ids are indexed as int64
-
-
-def _is_id(value: Any) -> bool:
-    return _is_int(value) and -_MAX_ID <= value < _MAX_ID
-
-
-_ID_RULE = "an integer within the 64-bit range"
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float)) and not isinstance(value, bool)
 
 
 class COCODetection(Dataset):
@@ -115,139 +80,34 @@ class COCODetection(Dataset):
         self.ann_file = Path(ann_file)
         self.image_root = Path(image_root)
         self.transform = transform
-        raw = _load_json(self.ann_file)
-        src = str(self.ann_file)
-
-        cats = _require_list(raw, "categories", src)
-        cat_names: dict[int, str] = {}
-        for i, cat in enumerate(cats):
-            where = f"categories[{i}]"
-            cat_id = _require_field(cat, "id", _is_id, _ID_RULE, src, where)
-            name = _require_field(cat, "name", lambda v: isinstance(v, str), "a string", src, where)
-            if cat_id in cat_names:
-                raise DatasetError(f"{src}: {where}: duplicate category id {cat_id}")
-            cat_names[cat_id] = name
-        if not cat_names:
-            raise DatasetError(f"{src}: 'categories' is empty; need at least one category")
-        self.category_ids: tuple[int, ...] = tuple(sorted(cat_names))
-        self.class_names: tuple[str, ...] = tuple(cat_names[c] for c in self.category_ids)
+        coco = load_coco_file(self.ann_file)  # the schema: refuses what data check and eval refuse
+        self.category_ids: tuple[int, ...] = tuple(sorted(coco.categories))
+        self.class_names: tuple[str, ...] = tuple(coco.categories[c] for c in self.category_ids)
         self.label_to_category_id: tuple[int, ...] = self.category_ids  # label l -> category id
         self.category_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.category_ids)}
-
-        infos: dict[int, ImageInfo] = {}
-        for i, img in enumerate(_require_list(raw, "images", src)):
-            # Fast path for well-formed entries; the checks below name the problem otherwise.
-            if type(img) is dict:
-                image_id, file_name = img.get("id"), img.get("file_name")
-                height, width = img.get("height"), img.get("width")
-                if (
-                    type(image_id) is int
-                    and -_MAX_ID <= image_id < _MAX_ID
-                    and type(file_name) is str
-                    and file_name
-                    and type(height) is int
-                    and type(width) is int
-                    and 0 < height < _MAX_SIDE
-                    and 0 < width < _MAX_SIDE
-                    and image_id not in infos
-                ):
-                    infos[image_id] = ImageInfo(image_id, file_name, height, width)
-                    continue
-            where = f"images[{i}]"
-            image_id = _require_field(img, "id", _is_id, _ID_RULE, src, where)
-            where = f"images[{i}] (id {image_id})"
-            file_name = _require_field(
-                img, "file_name", lambda v: isinstance(v, str) and v != "", "a non-empty string", src, where
-            )
-            height = _require_field(
-                img, "height", lambda v: _is_int(v) and 0 < v < _MAX_SIDE, _SIDE_RULE, src, where
-            )
-            width = _require_field(
-                img, "width", lambda v: _is_int(v) and 0 < v < _MAX_SIDE, _SIDE_RULE, src, where
-            )
-            if image_id in infos:
-                raise DatasetError(f"{src}: {where}: duplicate image id {image_id}")
-            infos[image_id] = ImageInfo(image_id, file_name, height, width)
-
-        anns = raw.get("annotations", [])
-        if not isinstance(anns, list):
-            raise DatasetError(f"{src}: 'annotations' must be a list, got {type(anns).__name__}")
-        self._boxes, self._labels = self._index_annotations(anns, infos, src)
-
-        ids = sorted(infos)
+        self._infos = coco.images
+        self._boxes, self._labels = self._index_targets(coco.annotations)
+        ids = sorted(self._infos)
         if remove_images_without_annotations:
             ids = [k for k in ids if len(self._labels[k]) > 0]
         self.image_ids: list[int] = ids
-        self._infos = infos
 
-    def _index_annotations(
-        self, anns: list[Any], infos: dict[int, ImageInfo], src: str
-    ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-        """Per-image valid targets: {image id: boxes float32 [M, 4] xyxy}, {image id: labels int64 [M]}.
+    def _index_targets(self, table: AnnotationTable) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Per-image targets: {image id: boxes float32 [M, 4] xyxy}, {image id: labels int64 [M]}.
 
-        One pass pulls the four fields out of every annotation; checks, filtering and grouping are
-        vectorised. Only when a check fails does :func:`_check_annotation` walk the list to name the
-        first bad entry (COCO train2017's 860k annotations index in about the time pycocotools takes).
+        The schema's trainable boxes (MegEngine's filter plus the float32 and outside-image rules),
+        grouped by image with one vectorised sort.
         """
-        image_keys = np.array(sorted(infos), dtype=np.int64)
-        cat_keys = np.array(self.category_ids, dtype=np.int64)
-        n = len(anns)
-        ok = True
-        try:
-            image_vals = [a["image_id"] for a in anns]
-            cat_vals = [a["category_id"] for a in anns]
-            bbox_vals = [a["bbox"] for a in anns]
-            crowd_vals = [a.get("iscrowd", 0) for a in anns]
-            image_col, cat_col = np.array(image_vals), np.array(cat_vals)
-            bbox_col, crowd_col = np.array(bbox_vals), np.array(crowd_vals)
-            # numpy turns a JSON true/false mixed with integers into 1/0; a bool is not an id or a coordinate
-            ok = bool not in set(map(type, image_vals + cat_vals + crowd_vals))
-            if ok and bbox_col.dtype.kind in "iuf":
-                ok = bool not in {type(v) for box in bbox_vals for v in box}
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
-            ok = False
-        if ok and n > 0:
-            ok = (
-                image_col.dtype.kind in "iu"
-                and cat_col.dtype.kind in "iu"
-                and crowd_col.dtype.kind in "iu"
-                and bbox_col.dtype.kind in "iuf"
-                and bbox_col.shape == (n, 4)
-                and bool(np.isfinite(bbox_col).all())
-                and bool(np.isin(crowd_col, (0, 1)).all())
-                and bool(np.isin(image_col, image_keys).all())
-                and bool(np.isin(cat_col, cat_keys).all())
-            )
-        if not ok:
-            for i, ann in enumerate(anns):
-                _check_annotation(i, ann, infos, self.category_id_to_label, src)
-            raise DatasetError(f"{src}: malformed 'annotations'")  # pragma: no cover - checks above agree
-        if n == 0:
-            image_col = np.zeros(0, np.int64)
-            cat_col = np.zeros(0, np.int64)
-            bbox_col = np.zeros((0, 4), np.float64)
-            crowd_col = np.zeros(0, np.int64)
-
-        # MegEngine's filter on the JSON values, then xywh -> xyxy in float32 (no clipping).
-        keep = (crowd_col == 0) & (bbox_col[:, 2] > 0) & (bbox_col[:, 3] > 0)
-        boxes = bbox_col[keep].astype(np.float32)
-        boxes[:, 2:] += boxes[:, :2]
-        image_pos = np.searchsorted(image_keys, image_col[keep])
-        labels = np.searchsorted(cat_keys, cat_col[keep]).astype(np.int64)
-        heights = np.array([infos[int(k)].height for k in image_keys], dtype=np.float32)[image_pos]
-        widths = np.array([infos[int(k)].width for k in image_keys], dtype=np.float32)[image_pos]
-        # Also degenerate here: empty in float32, or no overlap with the image.
-        valid = (
-            (boxes[:, 2] > boxes[:, 0])
-            & (boxes[:, 3] > boxes[:, 1])
-            & (np.minimum(boxes[:, 2], widths) > np.maximum(boxes[:, 0], 0))
-            & (np.minimum(boxes[:, 3], heights) > np.maximum(boxes[:, 1], 0))
-        )
-        boxes, labels, image_pos = boxes[valid], labels[valid], image_pos[valid]
+        image_keys = np.array(sorted(self._infos), dtype=np.int64)
+        keep = table.trainable
+        boxes = table.boxes_xyxy[keep]
+        labels = np.searchsorted(np.array(self.category_ids, dtype=np.int64), table.category_ids[keep])
+        image_pos = np.searchsorted(image_keys, table.image_ids[keep])
         order = np.argsort(image_pos, kind="stable")  # keeps JSON order within an image
-        boxes, labels = boxes[order], labels[order]
-        ends = np.cumsum(np.bincount(image_pos, minlength=len(image_keys)))
-        starts = ends - np.bincount(image_pos, minlength=len(image_keys))
+        boxes, labels = boxes[order], labels[order].astype(np.int64)
+        counts = np.bincount(image_pos, minlength=len(image_keys))
+        ends = np.cumsum(counts)
+        starts = ends - counts
         box_index = {int(k): boxes[a:b] for k, a, b in zip(image_keys, starts, ends, strict=True)}
         label_index = {int(k): labels[a:b] for k, a, b in zip(image_keys, starts, ends, strict=True)}
         return box_index, label_index
@@ -259,7 +119,7 @@ class COCODetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def image_info(self, index: int) -> ImageInfo:
+    def image_info(self, index: int) -> ImageRecord:
         """The JSON entry (id, file name, height, width) of item ``index``."""
         return self._infos[self.image_ids[index]]
 
@@ -311,81 +171,6 @@ class COCODetection(Dataset):
             f"COCODetection({str(self.ann_file)!r}, {len(self)} images, {self.num_classes} classes, "
             f"transform={self.transform!r})"
         )
-
-
-def _check_annotation(
-    i: int, ann: Any, infos: dict[int, ImageInfo], category_id_to_label: dict[int, int], src: str
-) -> None:
-    """Raise a :class:`DatasetError` naming ``annotations[i]`` if it is malformed."""
-    where = f"annotations[{i}]"
-    if isinstance(ann, dict) and "id" in ann:
-        where = f"annotations[{i}] (id {ann['id']})"
-    image_id = _require_field(ann, "image_id", _is_int, "an integer", src, where)
-    if image_id not in infos:
-        raise DatasetError(f"{src}: {where}: image_id {image_id} is not in 'images'")
-    cat_id = _require_field(ann, "category_id", _is_int, "an integer", src, where)
-    if cat_id not in category_id_to_label:
-        raise DatasetError(f"{src}: {where}: unknown category_id {cat_id} (not in 'categories')")
-    bbox = _require_field(
-        ann,
-        "bbox",
-        lambda v: isinstance(v, list) and len(v) == 4 and all(_is_number(x) for x in v),
-        "a list of 4 numbers [x, y, w, h]",
-        src,
-        where,
-    )
-    if not all(_finite(x) for x in bbox):
-        raise DatasetError(f"{src}: {where}: bbox {bbox} holds a non-finite value")
-    iscrowd = ann.get("iscrowd", 0)
-    if iscrowd not in (0, 1) or not _is_int(iscrowd):
-        raise DatasetError(f"{src}: {where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
-
-
-def _finite(value: float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # a JSON integer too large for a float
-        return False
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: annotation file not found") from None
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read annotation file: {exc.strerror or exc}") from exc
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise DatasetError(
-            f"{path}: expected a JSON object with 'images' and 'categories', got {type(raw).__name__}"
-        )
-    return raw
-
-
-def _require_list(raw: dict[str, Any], key: str, src: str) -> list[Any]:
-    if key not in raw:
-        raise DatasetError(f"{src}: missing top-level key {key!r}")
-    value = raw[key]
-    if not isinstance(value, list):
-        raise DatasetError(f"{src}: {key!r} must be a list, got {type(value).__name__}")
-    return value
-
-
-def _require_field(
-    entry: Any, key: str, check: Callable[[Any], bool], expected: str, src: str, where: str
-) -> Any:
-    if not isinstance(entry, dict):
-        raise DatasetError(f"{src}: {where}: expected an object, got {type(entry).__name__}")
-    if key not in entry:
-        raise DatasetError(f"{src}: {where}: missing key {key!r}")
-    value = entry[key]
-    if not check(value):
-        raise DatasetError(f"{src}: {where}: {key!r} must be {expected}, got {value!r}")
-    return value
 
 
 def find_coco_split(root: str | os.PathLike[str], split: str) -> tuple[Path, Path]:

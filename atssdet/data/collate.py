@@ -88,29 +88,3 @@ def collate_detection(samples: Sequence[tuple[np.ndarray, DetectionTarget]]) -> 
         orig_hw=torch.tensor([t["orig_hw"] for _, t in samples], dtype=torch.int64),
         image_ids=[int(t["image_id"]) for _, t in samples],
     )
-
-
-def to_megengine_inputs(batch: DetectionBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """The seed's training inputs (MegEngine ``DetectionPadCollator`` layout) from a batch.
-
-    Returns ``image`` float32 [N, 3, H, W], ``im_info`` float32 [N, 5] = (h, w, orig_h, orig_w, num_gts)
-    and ``gt_boxes`` float32 [N, M_max, 5] = (x1, y1, x2, y2, class 1..C), zero rows past ``num_gts``.
-    """
-    n = len(batch.targets)
-    m_max = max((len(t.labels) for t in batch.targets), default=0)
-    gt_boxes = torch.zeros((n, m_max, 5), dtype=torch.float32, device=batch.images.device)
-    num_gts = []
-    for i, t in enumerate(batch.targets):
-        m = len(t.labels)
-        gt_boxes[i, :m, :4] = t.boxes
-        gt_boxes[i, :m, 4] = (t.labels + 1).to(torch.float32)
-        num_gts.append(m)
-    im_info = torch.cat(
-        [
-            batch.image_hw.to(torch.float32),
-            batch.orig_hw.to(torch.float32),
-            torch.tensor(num_gts, dtype=torch.float32, device=batch.image_hw.device)[:, None],
-        ],
-        dim=1,
-    )
-    return batch.images, im_info.to(batch.images.device), gt_boxes

@@ -30,23 +30,28 @@ MAX_PIXELS_ENV = "ATSSDET_MAX_IMAGE_PIXELS"
 
 _JPEG_MAGIC = b"\xff\xd8"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Magic numbers of the formats OpenCV reads, to tell "corrupt PNG" from "not an image at all".
-_MAGIC: tuple[tuple[bytes, str], ...] = (
+# Leading bytes of the formats OpenCV decodes, with their names: tells "corrupt PNG" from "not an
+# image at all" here, and a corrupt upload (HTTP 422) from an unsupported one (415) in the server.
+IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (_JPEG_MAGIC, "JPEG"),
     (_PNG_MAGIC, "PNG"),
-    (b"GIF8", "GIF"),
+    (b"GIF8", "GIF"),  # GIF87a, GIF89a
     (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"RIFF", "WebP"),
+    (b"II*\x00", "TIFF"),  # little-endian
+    (b"MM\x00*", "TIFF"),  # big-endian
+    (b"RIFF", "WebP"),  # RIFF....WEBP
     (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),  # codestream
+    (b"#?RADIANCE", "HDR"),
+    (b"\x76\x2f\x31\x01", "OpenEXR"),
     (b"P1", "PBM"),
     (b"P2", "PGM"),
     (b"P3", "PPM"),
     (b"P4", "PBM"),
     (b"P5", "PGM"),
     (b"P6", "PPM"),
+    (b"P7", "PAM"),
+    (b"\x59\xa6\x6a\x95", "Sun raster"),
 )
 
 
@@ -70,7 +75,7 @@ def max_image_pixels() -> int:
 
 def sniff_format(data: bytes) -> str | None:
     """The image format named by the magic number at the start of ``data`` (e.g. "PNG"), or None."""
-    for magic, name in _MAGIC:
+    for magic, name in IMAGE_SIGNATURES:
         if data.startswith(magic):
             return name
     return None

@@ -1,4 +1,6 @@
-"""DataLoaders for training (grouped, infinite, resumable) and inference (sharded, ordered)."""
+"""The training DataLoader (grouped, infinite, resumable), optionally skipping unreadable images.
+
+Evaluation reads its images itself (:mod:`atssdet.evaluation.loop`), in size-planned batches."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from atssdet.data.coco import COCODetection, DatasetError, DetectionTarget
+from atssdet.data.coco import COCODetection, DetectionTarget
+from atssdet.data.coco_records import DatasetError
 from atssdet.data.collate import DetectionBatch, collate_detection
 from atssdet.data.image_io import ImageReadError
-from atssdet.data.sampler import GroupedBatchSampler, InferenceSampler
+from atssdet.data.sampler import GroupedBatchSampler
 
 
 def build_train_loader(
@@ -51,29 +54,6 @@ def build_train_loader(
         collate_fn=collate_skipping if skip_unreadable else collate_detection,
         num_workers=num_workers,
         pin_memory=pin_memory,
-    )
-
-
-def build_eval_loader(
-    dataset: COCODetection,
-    *,
-    batch_size: int = 1,
-    num_workers: int = 2,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> DataLoader:
-    """Loader over this rank's contiguous shard of ``dataset``, in dataset order, every image once.
-
-    Gather the per-rank outputs and :func:`~atssdet.data.sampler.merge_shards` them in rank order to
-    get dataset order back. Give the dataset an :class:`~atssdet.data.transforms.EvalTransform`
-    (or none, and resize in the model wrapper).
-    """
-    indices = InferenceSampler(len(dataset), rank=rank, world_size=world_size)
-    return DataLoader(
-        dataset,
-        batch_sampler=BatchSampler(indices, batch_size, drop_last=False),
-        collate_fn=collate_detection,
-        num_workers=num_workers,
     )
 
 

@@ -1,4 +1,4 @@
-"""Batch samplers: aspect-ratio grouped training batches and sharded inference.
+"""The training batch sampler: aspect-ratio grouped batches, sharded across ranks, resumable.
 
 Training follows MegEngine/Models ``tools/train.py`` (``GroupedRandomSampler`` inside ``Infinite``):
 images are split into two groups, ``h / w < 1`` and ``h / w >= 1`` (``bisect_right([1], ratio)``),
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
 
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
-
-T = TypeVar("T")
 
 
 def default_rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -131,36 +128,3 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
             for _ in range(self.start_batch):
                 next(batches)
         return batches
-
-
-def shard_range(num_items: int, rank: int, world_size: int) -> range:
-    """Contiguous slice of ``range(num_items)`` for ``rank``; sizes differ by at most one, union is all items."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    base, extra = divmod(num_items, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
-
-
-class InferenceSampler(Sampler[int]):
-    """Every index in ``range(num_items)`` exactly once across ranks, in order, no padding or repeats.
-
-    Rank r gets the contiguous :func:`shard_range`; concatenating per-rank results in rank order
-    (:func:`merge_shards`) restores the dataset order.
-    """
-
-    def __init__(self, num_items: int, *, rank: int | None = None, world_size: int | None = None) -> None:
-        self.rank, self.world_size = default_rank_and_world_size(rank, world_size)
-        self.num_items = num_items
-        self.indices = shard_range(num_items, self.rank, self.world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def merge_shards(per_rank: Sequence[Sequence[T]]) -> list[T]:
-    """Concatenate per-rank result lists (rank order) from :class:`InferenceSampler` into dataset order."""
-    return [item for shard in per_rank for item in shard]

@@ -130,14 +130,6 @@ def train_transform(
     return image, boxes
 
 
-def eval_transform(
-    image: np.ndarray, boxes_xyxy: np.ndarray, *, short_size: int, max_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic test-time resize (MegEngine ``DetEvaluator.process_inputs`` sizes); boxes scaled alike."""
-    out_hw = get_hw_by_short_size(image.shape[0], image.shape[1], short_size, max_size)
-    return resize_image_and_boxes(image, boxes_xyxy, out_hw)
-
-
 class TrainTransform:
     """Picklable training transform for :class:`atssdet.data.coco.COCODetection` (DataLoader workers).
 
@@ -165,19 +157,3 @@ class TrainTransform:
 
     def __repr__(self) -> str:
         return f"TrainTransform(short_sizes={self.short_sizes}, max_size={self.max_size}, flip_prob={self.flip_prob})"
-
-
-class EvalTransform:
-    """Picklable deterministic test-time resize; called as ``transform(image, boxes_xyxy, rng)`` (rng unused)."""
-
-    def __init__(self, *, short_size: int, max_size: int) -> None:
-        self.short_size = int(short_size)
-        self.max_size = int(max_size)
-
-    def __call__(
-        self, image: np.ndarray, boxes_xyxy: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return eval_transform(image, boxes_xyxy, short_size=self.short_size, max_size=self.max_size)
-
-    def __repr__(self) -> str:
-        return f"EvalTransform(short_size={self.short_size}, max_size={self.max_size})"

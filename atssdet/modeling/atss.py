@@ -14,7 +14,7 @@ from atssdet.modeling.resnet import ResNet
 from atssdet.ops.images import pad_to_multiple
 from atssdet.ops.points import grid_points
 
-SIZE_DIVISIBILITY = 32
+SIZE_DIVISIBILITY = 32  # MegEngine pads every batch to a multiple of 32 (raw pixels, before normalising)
 
 
 class ATSSOutput(NamedTuple):
@@ -42,6 +42,11 @@ class ATSS(nn.Module):
     The batch is zero-padded to a multiple of 32 in raw pixel space and only then normalised, as in
     MegEngine. Losses (:func:`atssdet.criterion.atss_loss`) and detections
     (:func:`atssdet.postprocess.postprocess`) are separate functions of the output.
+
+    ``forward`` traces (``torch.jit.trace``, ``torch.onnx.export``) with every size read from the
+    input, so a graph traced at one size runs at any other, provided the example needs padding
+    (:func:`~atssdet.ops.images.pad_to_multiple` decides at trace time whether to pad at all). ONNX
+    export traces this forward and :func:`atssdet.postprocess.dense_scores_and_boxes`, not a copy.
     """
 
     pixel_mean: Tensor
@@ -88,7 +93,9 @@ class ATSS(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
         logits, offsets, ctrness = self.head(features)
-        feature_hw = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        # No int(): while tracing, shape entries are traced values and the points must follow the
+        # input size; int() would bake the example's sizes into the graph.
+        feature_hw = [(f.shape[-2], f.shape[-1]) for f in features]
         points = torch.cat(
             grid_points(feature_hw, self.cfg.stride, offset=self.cfg.anchor_offset, device=x.device), dim=0
         )

@@ -113,15 +113,3 @@ class ResNet(_TVResNet):
         res4 = self.layer3(res3)
         res5 = self.layer4(res4)
         return {"stem": stem, "res2": res2, "res3": res3, "res4": res4, "res5": res5}
-
-
-def resnet_out_channels(arch: str) -> tuple[int, int, int]:
-    """Channels of res3, res4, res5."""
-    block, _, _, _, base = _ARCHS[arch]
-    e = block.expansion
-    return (2 * base * e, 4 * base * e, 8 * base * e)
-
-
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn trainable BatchNorm layers into SyncBatchNorm (for ``backbone_norm="SyncBN"`` under DDP)."""
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)

@@ -1,6 +1,6 @@
 """Pure tensor functions shared by the model, assignment, losses and post-processing."""
 
-from atssdet.ops.boxes import box_area, box_iou, ltrb_to_xyxy, xyxy_to_ltrb
+from atssdet.ops.boxes import ltrb_to_xyxy, xyxy_to_ltrb
 from atssdet.ops.points import grid_points
 
-__all__ = ["box_area", "box_iou", "grid_points", "ltrb_to_xyxy", "xyxy_to_ltrb"]
+__all__ = ["grid_points", "ltrb_to_xyxy", "xyxy_to_ltrb"]

@@ -7,20 +7,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_area as _tv_box_area
-from torchvision.ops import box_iou as _tv_box_iou
-
-
-def box_area(boxes_xyxy: Tensor) -> Tensor:
-    """Areas ``(x2 - x1) * (y2 - y1)`` of ``[..., 4]`` boxes (no +1)."""
-    if boxes_xyxy.dim() == 2:
-        return _tv_box_area(boxes_xyxy)
-    return (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]) * (boxes_xyxy[..., 3] - boxes_xyxy[..., 1])
-
-
-def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
-    """Pairwise IoU ``[M, K]`` of ``[M, 4]`` and ``[K, 4]`` boxes (inter / union, no +1)."""
-    return _tv_box_iou(boxes1_xyxy, boxes2_xyxy)
 
 
 def ltrb_to_xyxy(points_xy: Tensor, ltrb: Tensor) -> Tensor:

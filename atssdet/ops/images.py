@@ -10,7 +10,7 @@ from torch import Tensor
 _COEF_SCALE = 2048
 
 
-def pad_to_multiple(images: Tensor, multiple: int = 32, value: float = 0.0) -> Tensor:
+def pad_to_multiple(images: Tensor, multiple: int, value: float = 0.0) -> Tensor:
     """Pad ``[N, C, H, W]`` at the bottom and right so H and W are multiples of ``multiple``.
 
     MegEngine pads raw pixels with 0 and normalises afterwards, so padded pixels end up at -mean/std.

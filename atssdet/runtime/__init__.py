@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from atssdet.config import ATSSConfig
     from atssdet.options import InferenceOptions
-    from atssdet.postprocess import Detections
+    from atssdet.structures import Detections
 
 
 class Runner(Protocol):

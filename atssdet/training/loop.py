@@ -90,7 +90,7 @@ def train(
         train_ann, train_images: COCO ``instances`` JSON and the folder its ``file_name`` is relative to.
         out_dir: checkpoints, ``train_log.jsonl``, validation results and the final weights go here.
         val_ann, val_images: optional validation split, evaluated (COCO mAP) every ``eval_every``
-            iterations (0: only at the end) with :func:`atssdet.evaluate.evaluate`.
+            iterations (0: only at the end) with :func:`atssdet.evaluation.evaluate`.
         batch_size: images per process; the global batch is ``batch_size * world_size`` and sets the lr.
         max_iters: stop after this many iterations (default: ``max_epoch`` epochs); the schedule
             (warm-up, decay epochs) does not change with it.
@@ -279,7 +279,7 @@ def _validate(
     num_workers: int,
 ) -> dict[str, float]:
     """COCO statistics of ``net`` on the validation split (results in ``out/eval/``); leaves ``net`` in eval mode."""
-    from atssdet.evaluate import evaluate  # evaluation pulls in pycocotools: only when validating
+    from atssdet.evaluation import evaluate  # evaluation pulls in pycocotools: only when validating
 
     report = evaluate(
         net,
