@@ -26,6 +26,7 @@ tensors: the mix-up this guard exists to catch.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -44,11 +45,12 @@ import atssdet
 DEVICE = torch.device("meta")
 _HOST = torch.device("cpu")
 _PACKAGE = Path(atssdet.__file__).resolve().parent
+_COMPREHENSION = re.compile(r"\.<locals>\.<(listcomp|dictcomp|setcomp)>")
 
 # The documented, intended host syncs of the device path: innermost atssdet function -> why.
 ALLOWED_SYNCS: dict[str, str] = {
     "training/step.py:train_step": "the step's losses are read once (one .tolist()) to log them and stop on NaN",
-    "predict.py:Detector._run": "detections are returned to the caller as CPU tensors",
+    "runtime/torch_runner.py:TorchRunner.detect": "detections are returned to the caller as CPU tensors",
     "criterion.py:_check_target_values": "targets that arrive on the device are validated with one read (CPU targets: none)",
 }
 
@@ -190,7 +192,9 @@ def _call_site() -> tuple[str, str]:
         path = Path(frame.f_code.co_filename)
         if path.is_relative_to(_PACKAGE):
             rel = path.relative_to(_PACKAGE).as_posix()
-            return f"{rel}:{frame.f_code.co_qualname}", f"{path.name}:{frame.f_lineno}"
+            # Python 3.12 inlines comprehensions (PEP 709): name them as their function on every version.
+            qualname = _COMPREHENSION.sub("", frame.f_code.co_qualname)
+            return f"{rel}:{qualname}", f"{path.name}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return "<outside atssdet>", "<outside atssdet>"
 

@@ -28,9 +28,9 @@ import atssdet.modeling.atss as atss_mod
 from atssdet.config import PRESETS, with_overrides
 from atssdet.criterion import LOSS_KEYS, atss_loss
 from atssdet.data.collate import collate_detection
+from atssdet.detector import Detector
 from atssdet.modeling.atss import ATSS, build_model
 from atssdet.postprocess import dense_scores_and_boxes, select_detections
-from atssdet.predict import Detector
 from atssdet.training.checkpoint import TrainingState
 from atssdet.training.device import DeviceOptions, device_options
 from atssdet.training.step import train_step
@@ -177,16 +177,15 @@ def test_post_processing_on_the_device():
 
 
 def test_detector_predict_and_the_evaluation_model_step():
-    from atssdet.evaluate import (
-        ModelRunner,
-    )  # pycocotools: not on the GPU machine, whose tests import this module
+    # pycocotools: not on the GPU machine, whose tests import this module
+    from atssdet.evaluation.loop import ModelRunner
 
     inputs = images()
     expected = Detector(tiny_model(), device="cpu").predict(inputs, batch_size=2)
     with DeviceGuard() as guard:
         dets = Detector(tiny_model(), device=DEVICE).predict(inputs, batch_size=2)
     # the only host reads: handing each image's detections back as CPU tensors
-    assert set(guard.sync_sites) == {"predict.py:Detector._run"}
+    assert set(guard.sync_sites) == {"runtime/torch_runner.py:TorchRunner.detect"}
     for got, want in zip(dets, expected, strict=True):
         assert len(want) > 0 and got.boxes.device.type == "cpu"
         torch.testing.assert_close(got.boxes, want.boxes, rtol=1e-3, atol=1e-2)
@@ -195,7 +194,7 @@ def test_detector_predict_and_the_evaluation_model_step():
     with DeviceGuard() as guard:
         runner = ModelRunner(tiny_model(), device=DEVICE)
         evaluated = runner.run([runner.preprocess(im) for im in inputs], [im.shape[:2] for im in inputs])
-    assert set(guard.sync_sites) == {"predict.py:Detector._run"}
+    assert set(guard.sync_sites) == {"runtime/torch_runner.py:TorchRunner.detect"}
     torch.testing.assert_close(evaluated[0].scores, expected[0].scores, rtol=1e-4, atol=1e-4)
 
 

@@ -72,7 +72,7 @@ def test_reference_parity_in_float32(reference, no_tf32):
 
 
 def test_detector_on_cuda_matches_the_cpu(reference, no_tf32):
-    from atssdet.predict import Detector
+    from atssdet.detector import Detector
     from atssdet.zoo import load
 
     model = load(R18, weights=reference / f"{R18}.seed0.pkl.gz")
@@ -146,8 +146,8 @@ def test_onnx_runtime_cuda_provider(tmp_path, reference):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip(f"onnxruntime has no CUDA provider here ({', '.join(ort.get_available_providers())})")
+    from atssdet.detector import Detector
     from atssdet.export import export_onnx
-    from atssdet.predict import Detector
 
     path = export_onnx(r18_on_cuda(reference).cpu(), tmp_path / "r18.onnx")
     (dets,) = Detector.from_checkpoint(path, device="cuda").predict([str(reference / "cat.jpg")])
