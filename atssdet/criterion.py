@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,11 +28,10 @@ from atssdet.ops.losses import bce_with_logits_sum, giou_loss_ltrb, sigmoid_foca
 LOSS_KEYS = ("total_loss", "loss_cls", "loss_bbox", "loss_ctr")
 
 
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """Autocast disabled on ``device`` (a no-op context on device types autocast does not know)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+def _autocast_off(device: torch.device) -> torch.autocast:
+    """Autocast disabled on ``device`` (on device types autocast does not know, the CPU's: a no-op)."""
+    known = torch.amp.is_autocast_available(device.type)
+    return torch.autocast(device_type=device.type if known else "cpu", enabled=False)
 
 
 def _mean_over_ranks(value: Tensor) -> Tensor:

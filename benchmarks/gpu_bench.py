@@ -101,7 +101,7 @@ def environment(device: torch.device, *, smoke: bool) -> dict[str, Any]:
 def parity(reference: Path, device: torch.device, *, names: tuple[str, ...] | None) -> dict[str, Any]:
     """Max errors against MegEngine's outputs, with TF32 off and on (CUDA), and the detection match."""
     from atssdet.compat import CompatModel, DetEvaluator
-    from atssdet.zoo import load
+    from atssdet.loader import load
     from tests.helpers import assert_dets_match
 
     outputs = dict(np.load(reference / f"{R18}.seed0.outputs.npz"))

@@ -46,7 +46,7 @@ def no_tf32():
 
 
 def r18_on_cuda(reference: Path) -> Any:
-    from atssdet.zoo import load
+    from atssdet.loader import load
 
     return load(R18, weights=reference / f"{R18}.seed0.pkl.gz").to(CUDA).eval()
 
@@ -73,7 +73,7 @@ def test_reference_parity_in_float32(reference, no_tf32):
 
 def test_detector_on_cuda_matches_the_cpu(reference, no_tf32):
     from atssdet.detector import Detector
-    from atssdet.zoo import load
+    from atssdet.loader import load
 
     model = load(R18, weights=reference / f"{R18}.seed0.pkl.gz")
     image = str(reference / "cat.jpg")

@@ -20,7 +20,12 @@ pytestmark = [
 
 
 def test_gpu_check_runs_its_cpu_parts_and_skips_the_cuda_ones(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "ATSSDET_REFERENCE_DIR": str(REFERENCE_DIR)}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "ATSSDET_REFERENCE_DIR": str(REFERENCE_DIR),
+        "WORK": str(tmp_path / "work"),
+    }
     env.pop("OUT", None)
     done = subprocess.run(
         ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],

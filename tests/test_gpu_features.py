@@ -55,8 +55,12 @@ def test_amp_modes():
 
 
 def test_bf16_training_on_the_cpu_learns_and_logs_its_mode(dataset, tmp_path):
-    fp32 = run_tiny(dataset, tmp_path / "fp32", max_iters=12)
-    bf16 = run_tiny(dataset, tmp_path / "bf16", max_iters=12, amp="bf16")
+    """oneDNN off: its AMX bf16 convolutions gave NaN losses here in some runs, depending on nothing
+    but memory layout and timing (the same run passes with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, i.e.
+    without AMX; docs/gpu.md). PyTorch's own bf16 kernels run the same recipe reliably."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        fp32 = run_tiny(dataset, tmp_path / "fp32", max_iters=12)
+        bf16 = run_tiny(dataset, tmp_path / "bf16", max_iters=12, amp="bf16")
     first, last = losses_of(bf16)[0], sum(losses_of(bf16)[-3:]) / 3
     assert last < 0.8 * first, losses_of(bf16)
     # bfloat16 keeps 8 mantissa bits: the first (same-weights) loss agrees to about 1%
