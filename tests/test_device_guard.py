@@ -142,7 +142,8 @@ def test_assignment_and_losses_sync_only_on_the_foreground_nonzero():
 
 
 def test_assign_on_grid_ties_matches_the_cpu_without_host_reads():
-    """Points on a grid around a box centre: many distances tie at the k-th place (the stable-order rule)."""
+    """Points on a grid around a box centre: many distances tie at the k-th place. The device path computes
+    the tie rule for every row without a read; it must pick what the CPU path (redo tied rows) picks."""
     ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     points = torch.stack((xs.reshape(-1), ys.reshape(-1)), 1) * 8 + 4
     gt = torch.tensor([[[12.0, 12.0, 36.0, 36.0], [0.0, 0.0, 64.0, 64.0]]])
