@@ -87,9 +87,10 @@ def nccl_check() -> dict[str, Any]:
     from tests.test_device_guard import TINY, images, targets, tiny_model
 
     device = distributed.resolve_device(None)
-    backend = distributed.default_backend(device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # world size 1: resolve_device leaves the index to LOCAL_RANK's caller
+        device = torch.device("cuda", distributed.local_rank())
         torch.cuda.set_device(device)
+    backend = distributed.default_backend(device)
     dist.init_process_group(backend=backend)
     try:
         model = tiny_model().to(device).to(memory_format=torch.channels_last).train()

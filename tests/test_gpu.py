@@ -65,9 +65,10 @@ def test_reference_parity_in_float32(reference, no_tf32):
     model = r18_on_cuda(reference)
     for name in NAMES:
         data, im_info = outputs[f"{name}__data"], outputs[f"{name}__im_info"]
-        scores, boxes = CompatModel(model).eval()(image=data, im_info=im_info)
-        assert np.abs(scores.cpu().numpy() - outputs[f"{name}__scores"]).max() <= 1e-4, name
-        assert np.abs(boxes.cpu().numpy() - outputs[f"{name}__boxes"]).max() <= 0.02, name
+        if f"{name}__scores" in outputs:  # raw outputs are stored for small and cat
+            scores, boxes = CompatModel(model).eval()(image=data, im_info=im_info)
+            assert np.abs(scores.cpu().numpy() - outputs[f"{name}__scores"]).max() <= 1e-4, name
+            assert np.abs(boxes.cpu().numpy() - outputs[f"{name}__boxes"]).max() <= 0.02, name
         assert_dets_match(DetEvaluator(model).predict(image=data, im_info=im_info), outputs[f"{name}__dets"])
 
 
@@ -127,8 +128,9 @@ def test_pinned_batches_and_compiled_forward(tmp_path):
     )
     cfg = PRESETS[R18]
     dataset = COCODetection(
-        ds.train_ann, ds.train_images, transform=TrainTransform(short_sizes=[64], max_size=64)
-    )
+        ds.train_ann, ds.train_images, remove_images_without_annotations=True,
+        transform=TrainTransform(short_sizes=[64], max_size=64),
+    )  # fmt: skip
     loader = build_train_loader(dataset, batch_size=2, seed=0, num_workers=0, pin_memory=True)
     batch = next(iter(loader))
     assert batch.images.is_pinned() and batch.targets[0].boxes.is_pinned()
