@@ -227,7 +227,12 @@ def test_failing_inference_returns_500_and_server_recovers(app, uploads, expecte
     monkeypatch.setattr(app.state.batcher, "detect", broken)
     resp = _detect(app, uploads["cat.jpg"])
     assert resp.status_code == 500
-    assert resp.json()["error"] == "inference failed: RuntimeError: out of memory (simulated)"
+    # Issue 14 item 8: the body names the upload and the failure, never the exception's type or text
+    # (which can carry server paths); the request id finds the traceback in the server log.
+    body = resp.json()
+    assert body["error"].startswith("inference failed for image.jpg (459x612 pixels)")
+    assert body["request_id"] in body["error"] and resp.headers["x-request-id"] == body["request_id"]
+    assert "RuntimeError" not in body["error"] and "simulated" not in body["error"]
     assert _request(app, "GET", "/healthz").json()["status"] == "ok"
 
     monkeypatch.setattr(app.state.batcher, "detect", real)
