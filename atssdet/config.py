@@ -128,6 +128,8 @@ class ATSSConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        for name, (low, high) in SIZE_BOUNDS.items():
+            _check_size(name, getattr(self, name), low, high)
         if len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
@@ -136,8 +138,6 @@ class ATSSConfig:
             raise ValueError(f"stride needs one value per FPN level P3..P7 (5), got {self.stride!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}; got {self.numerics!r}")
-        for name, (low, high) in SIZE_BOUNDS.items():
-            _check_size(name, getattr(self, name), low, high)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

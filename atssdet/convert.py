@@ -242,9 +242,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], cfg: ATSSConfig) -> Path:
     """Convert a MegEngine ``.pkl`` into an atssdet ``.safetensors`` file for the model ``cfg`` describes."""
+    arrays = load_megengine_pickle(src)  # first: a refused file costs no model (nor its imports)
     from atssdet.modeling.atss import build_model
 
     model = build_model(cfg)
-    state = megengine_to_torch(load_megengine_pickle(src), model, source=str(src))
+    state = megengine_to_torch(arrays, model, source=str(src))
     model.load_state_dict(state, strict=True)
     return save_safetensors(model.state_dict(), dst, cfg=cfg)
