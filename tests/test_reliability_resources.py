@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gzip
+import http.server
 import json
 import os
 import pickle
@@ -42,6 +43,7 @@ from atssdet.detector import Detector  # noqa: E402
 from atssdet.loader import load  # noqa: E402
 from atssdet.serve import AccessPolicy, create_app  # noqa: E402
 from atssdet.structures import Detections  # noqa: E402
+from atssdet.zoo import ZOO  # noqa: E402
 from tests.conftest import R18, REPO_ROOT  # noqa: E402
 from tests.helpers import assert_dets_match, snapshot_files  # noqa: E402
 
@@ -175,6 +177,7 @@ class Ctx:
         self.capsys = capsys
         self.monkeypatch = monkeypatch
         self.apps: list[Any] = []
+        self.cleanups: list[Callable[[], None]] = []
 
     def cli(self, *args: str) -> Outcome:
         self.capsys.readouterr()
@@ -209,6 +212,28 @@ class Ctx:
     def close(self) -> None:
         for app in self.apps:
             app.state.batcher.stop()
+        for cleanup in self.cleanups:
+            cleanup()
+
+    def weights_server(self, body: bytes, *, declare_length: bool) -> str:
+        """A 127.0.0.1 HTTP server answering every GET with ``body``; its base URL."""
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                self.send_response(200)
+                if declare_length:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)  # without a length: HTTP/1.0, the body ends when the connection does
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        self.cleanups += [httpd.shutdown, httpd.server_close]
+        return f"http://127.0.0.1:{httpd.server_address[1]}/"
 
 
 def client(app: Any, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
@@ -354,6 +379,26 @@ def m_metadata_channels_serve(ctx: Ctx) -> Callable[[], Outcome]:
     path = ctx.work / "wide.safetensors"
     write_config_safetensors(path, fpn_out_channels=10**6)  # a 10^6 x 10^6 x 3 x 3 conv
     return lambda: ctx.cli("serve", "--weights", str(path))
+
+
+def _download(ctx: Ctx, *, declare_length: bool) -> Callable[[], Outcome]:
+    """``predict --model R18`` without weights downloads the official file, here from a server whose
+    answer (2 MB) is over the (lowered, 1 MB) checkpoint size limit."""
+    base = ctx.weights_server(b"\x80" * 2_000_000, declare_length=declare_length)
+    ctx.monkeypatch.setenv("ATSSDET_URL_BASE", base)
+    ctx.monkeypatch.setenv("ATSSDET_HOME", str(ctx.work / "cache"))
+    ctx.monkeypatch.setenv("ATSSDET_MAX_CHECKPOINT_BYTES", "1000000")
+    image = ctx.work / "small.png"
+    image.write_bytes(encode(np.zeros((240, 320, 3), np.uint8)))
+    return lambda: ctx.cli("predict", str(image), "--model", R18, "--out", str(ctx.work / "out"))
+
+
+def m_download_declared_too_large(ctx: Ctx) -> Callable[[], Outcome]:
+    return _download(ctx, declare_length=True)
+
+
+def m_download_endless(ctx: Ctx) -> Callable[[], Outcome]:
+    return _download(ctx, declare_length=False)
 
 
 def m_header_bomb_upload(ctx: Ctx) -> Callable[[], Outcome]:
@@ -644,6 +689,15 @@ CASES: dict[str, Case] = {
     ),
     "metadata fpn_out_channels=10^6 (serve)": Case(
         "memory", m_metadata_channels_serve, 2, ("wide.safetensors", "fpn_out_channels=1000000")
+    ),
+    "download announcing more than the cap": Case(
+        "memory",
+        m_download_declared_too_large,
+        2,
+        (ZOO[R18].filename, "announces 2000000 bytes, more than 1000000 bytes", "nothing kept"),
+    ),
+    "download without a length running past the cap": Case(
+        "memory", m_download_endless, 2, (ZOO[R18].filename, "the download is more than 1000000 bytes")
     ),
     "upload whose header declares 50000x50000": Case(
         "memory", m_header_bomb_upload, 413, ("huge.png", "2500000000 pixels", "in-flight budget")
