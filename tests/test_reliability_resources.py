@@ -755,7 +755,7 @@ CASES: dict[str, Case] = {
         500,
         ("/v1/models", "internal error", "request id"),
         absent=(*_INTERNALS, "NoneType"),
-    ),  # fmt: skip
+    ),
     "decoder error with an OpenCV path": Case(
         "exposure", e_decoder_error_body, 422, ("photo.png", "corrupt PNG data"), absent=_INTERNALS
     ),
