@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
+
+
+def snapshot_files(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """``{relative path: sha256 of the bytes}`` of every file below ``folder``: compare before and after
+    a command to prove it replaced, changed or deleted nothing (new files show up as new keys)."""
+    root = Path(folder)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as f:
+                out[str(p.relative_to(root))] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
 
 
 def assert_dets_match(
