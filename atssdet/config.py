@@ -29,6 +29,30 @@ COCO_CLASSES: tuple[str, ...] = (
 # The synthetic shapes dataset (atssdet.data.synth); category ids 1..6 in this order.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "star", "ring", "cross")
 
+# The largest image side any size field may ask for. Sizes arrive from files a user did not write
+# (checkpoint and ONNX metadata): test_image_short_size=100000 would make a 320x240 image allocate
+# ~22 GB, so every size is checked against these bounds when a config is built.
+MAX_IMAGE_SIDE = 8192
+
+# (low, high) for every integer field that sizes memory (an image side, a channel or class count, a
+# box count); tuple fields apply them to each entry. Checked in ATSSConfig.__post_init__.
+SIZE_BOUNDS: dict[str, tuple[int, int]] = {
+    "backbone_freeze_at": (0, 5),
+    "fpn_in_channels": (1, 8192),
+    "fpn_out_channels": (1, 4096),
+    "fpn_top_in_channel": (1, 4096),
+    "num_classes": (1, 10000),
+    "stride": (1, 1024),
+    "head_num_convs": (0, 16),
+    "head_norm_groups": (1, 4096),
+    "anchor_topk": (1, 1000),
+    "train_image_short_size": (1, MAX_IMAGE_SIDE),
+    "train_image_max_size": (1, MAX_IMAGE_SIDE),
+    "test_image_short_size": (1, MAX_IMAGE_SIDE),
+    "test_image_max_size": (1, MAX_IMAGE_SIDE),
+    "test_max_boxes_per_image": (1, 100000),
+}
+
 # ATSSConfig.numerics: PyTorch's fast arithmetic or MegEngine's (see the field's comment).
 NUMERICS: tuple[str, ...] = ("torch", "megengine")
 
@@ -104,6 +128,8 @@ class ATSSConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        for name, (low, high) in SIZE_BOUNDS.items():
+            _check_size(name, getattr(self, name), low, high)
         if len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
@@ -135,6 +161,13 @@ class ATSSConfig:
         for key, value in raw.items():
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
+
+
+def _check_size(name: str, value: Any, low: int, high: int) -> None:
+    """ValueError naming the field unless ``value`` (each entry of a tuple) is an integer in [low, high]."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ValueError(f"{name}={value!r}: expected integer(s) in [{low}, {high}]")
 
 
 # MegEngine ATSSConfig fields that nothing in atssdet read, removed so that ``--set`` of one is refused.

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
+
+
+def snapshot_files(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """``{relative path: sha256 of the bytes}`` of every file below ``folder``: compare before and after
+    a command to prove it replaced, changed or deleted nothing (new files show up as new keys)."""
+    root = Path(folder)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as f:
+                out[str(p.relative_to(root))] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
 
 
 def assert_dets_match(
@@ -33,17 +49,3 @@ def assert_dets_match(
             assert match, f"reference row {r} {ref[r]} has no match in rows {start}..{end - 1}"
             remaining.remove(match[0])
         start = end
-
-
-def snapshot_files(folder) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file below ``folder`` (hidden ones too), for "every file
-    present before the command is byte-identical after it"."""
-    import hashlib
-    from pathlib import Path
-
-    root = Path(folder)
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
