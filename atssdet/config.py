@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from atssdet import validate
+
 COCO_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
     "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
@@ -112,6 +114,12 @@ class ATSSConfig:
             raise ValueError(f"stride needs one value per FPN level P3..P7 (5), got {self.stride!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}; got {self.numerics!r}")
+        # Sizes and the learning rate, with the bounds every entry point applies (also to a config
+        # read from a checkpoint's metadata: 100000 px would make a small image allocate 22 GB).
+        for name in ("test_image_short_size", "test_image_max_size", "train_image_max_size"):
+            validate.image_side(name, getattr(self, name))
+        validate.image_sides("train_image_short_size", self.train_image_short_size)
+        validate.learning_rate("basic_lr", self.basic_lr)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -120,7 +128,10 @@ class ATSSConfig:
     def from_json(cls, text: str) -> ATSSConfig:
         """Read a config saved by :meth:`to_json` (checkpoint or export metadata), also by an older atssdet:
         fields in :data:`REMOVED_FIELDS` are dropped; any other unknown name raises ValueError."""
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("a saved ATSSConfig is nested too deeply to be a config") from None
         if not isinstance(raw, dict):
             raise ValueError(f"a saved ATSSConfig is a JSON object, got {type(raw).__name__}")
         return cls.from_dict({k: v for k, v in raw.items() if k not in REMOVED_FIELDS})
@@ -222,6 +233,8 @@ def parse_set_option(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise ValueError(f"--set {key}: value nested too deeply") from None
     return key, value
 
 

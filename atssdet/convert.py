@@ -179,6 +179,8 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+        # numpy (read_checkpoint_arrays) has no bfloat16: upcast, exactly, to float32.
+        tensors = {k: t.float() if t.dtype == torch.bfloat16 else t for k, t in tensors.items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from exc
     cfg = None
