@@ -98,22 +98,23 @@ def device(value: Any) -> Any:
         return None
     import torch
 
+    shown = value if isinstance(value, str) else str(value)  # "cuda:1", not "device(type='cuda', ...)"
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
-        raise OptionError(f"--device {value!r}: not a valid device (cpu, cuda, cuda:N, ...)") from None
+        raise OptionError(f"--device {shown!r}: not a valid device (cpu, cuda, cuda:N, ...)") from None
     if dev.type not in DEVICE_TYPES:
-        raise OptionError(f"--device {value!r}: atssdet runs on {', '.join(DEVICE_TYPES)}, not {dev.type!r}")
+        raise OptionError(f"--device {shown!r}: atssdet runs on {', '.join(DEVICE_TYPES)}, not {dev.type!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise OptionError(f"--device {value!r}: CUDA is not available on this machine")
+            raise OptionError(f"--device {shown!r}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise OptionError(
-                f"--device {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"--device {shown!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
             )
     if dev.type == "mps" and not (torch.backends.mps.is_built() and torch.backends.mps.is_available()):
-        raise OptionError(f"--device {value!r}: Apple MPS is not available on this machine")
+        raise OptionError(f"--device {shown!r}: Apple MPS is not available on this machine")
     return value
 
 

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
+
+
+def snapshot_files(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """``{path relative to folder: sha256 of its bytes}`` of every file under ``folder`` (symlinks not followed)."""
+    root = Path(folder)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def assert_dets_match(

@@ -236,6 +236,8 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
     except OSError as exc:
         hint = " (a symlink loop)" if exc.errno == errno.ELOOP else ""
         raise ImageReadError(f"{path}: cannot read: {exc.strerror or exc}{hint}") from exc
+    except MemoryError as exc:
+        raise ImageReadError(f"{path}: not enough memory to read the file") from exc
     return decode_image(data, source=str(path), max_pixels=max_pixels)
 
 
