@@ -68,7 +68,7 @@ def _blocking_file(path: Path) -> Path | None:
 def describe_os_error(exc: OSError) -> str:
     """``"PATH: problem"`` for an OS error (the destination of a rename, else its file name)."""
     name = exc.filename2 if exc.filename2 is not None else exc.filename
-    if name is None or exc.errno is None:
+    if not isinstance(name, str | bytes | os.PathLike) or exc.errno is None:  # e.g. a file descriptor
         return str(exc)
     name = os.fsdecode(name)
     code = exc.errno

@@ -20,6 +20,7 @@ out of memory, a CUDA machine) is injected with ``monkeypatch`` in the ``setup``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -38,32 +39,19 @@ import atssdet.data.transforms as transforms
 from atssdet.cli import main
 from atssdet.config import ATSSConfig
 from atssdet.convert import save_safetensors
+from atssdet.errors import ImageReadError
 from atssdet.export import METADATA_PREFIX, export_metadata
 from atssdet.modeling.atss import build_model
 from atssdet.options import InferenceOptions
 from tests.coco_synth import TINY_CFG
 from tests.conftest import R18, REFERENCE_DIR
-from tests.helpers import snapshot_files
+from tests.helpers import snapshot_files, tiff_header
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RNG = np.random.default_rng(0)
 # name -> (height, width): the acceptance-4 mix; "corrupt.png" is added as a broken file.
 VALID_IMAGES = {"ok.png": (60, 80), "thin.png": (1, 10000), "thin3.png": (3, 4000), "ok2.png": (50, 50)}
-
-
-def _tiff_header(width: int, height: int) -> bytes:
-    """A little-endian TIFF whose IFD declares ``width x height`` grey pixels (no pixel data)."""
-    entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8),
-               (277, 3, 1), (278, 4, height), (279, 4, width * height)]  # fmt: skip
-    ifd = struct.pack("<H", len(entries))
-    for tag, kind, value in entries:
-        ifd += (
-            struct.pack("<HHII", tag, kind, 1, value)
-            if kind == 4
-            else struct.pack("<HHIHH", tag, kind, 1, value, 0)
-        )
-    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
 
 
 def _gif_header(width: int, height: int) -> bytes:
@@ -218,7 +206,7 @@ def _symlink_loop(ctx: Ctx) -> None:
 
 
 def _huge_header_images(ctx: Ctx) -> None:
-    (ctx.tmp / "big.tif").write_bytes(_tiff_header(15000, 15000))
+    (ctx.tmp / "big.tif").write_bytes(tiff_header(15000, 15000))
     (ctx.tmp / "big.gif").write_bytes(_gif_header(15000, 15000))
 
 
@@ -763,3 +751,96 @@ def test_detector_yields_results_for_every_valid_array_and_an_error_for_the_bad_
     assert [r.ok for r in results] == [True, False, True]
     assert results[0].image_hw == (1, 10000) and len(results[0]) > 0
     assert "<array 1>" in str(results[1].error) and "shape (0, 5, 3)" in str(results[1].error)
+
+
+# ------------------------------------------------------------------ the boundary itself
+
+
+def _models_raises(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    import atssdet.cli.models as models
+
+    monkeypatch.setattr(models, "run", lambda args: _raise(exc))
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_flag_prints_the_traceback_of_a_user_error(where, monkeypatch, capsys):
+    _models_raises(monkeypatch, ValueError("x.json: not valid"))
+    argv = ["--debug", "models"] if where == "before" else ["models", "--debug"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("atssdet models: error: x.json: not valid")
+    assert main(["models"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_bug_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    from atssdet.errors import REPORT_URL
+
+    _models_raises(monkeypatch, TypeError("unsupported operand"))
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "TypeError: unsupported operand" in err
+    assert "atssdet models: internal error (TypeError): this is a bug in atssdet" in err and REPORT_URL in err
+
+
+def test_interrupt_exits_130_without_a_traceback(monkeypatch, capsys):
+    _models_raises(monkeypatch, KeyboardInterrupt())
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "atssdet models: interrupted\n"
+
+
+def _cv2_error() -> BaseException:
+    try:
+        cv2.resize(np.zeros((2, 2, 3), np.uint8), (0, 0))
+    except cv2.error as exc:
+        return exc
+    raise AssertionError("cv2.resize accepted a 0x0 size")
+
+
+# exception -> fragments of describe_user_error(exc), or None for a bug
+DESCRIBED: dict[str, tuple[Callable[[], BaseException], list[str] | None]] = {
+    "permission-denied": (lambda: PermissionError(errno.EACCES, "Permission denied", "/data/x.png"), ["/data/x.png: permission denied"]),
+    "rename-onto-a-folder": (
+        lambda: IsADirectoryError(errno.EISDIR, "Is a directory", "/o/.r.json.abc.tmp", None, "/o/r.json"),
+        ["/o/r.json: is a folder, not a file"],
+    ),
+    "symlink-loop": (lambda: OSError(errno.ELOOP, "Too many levels of symbolic links", "a.png"), ["a.png: too many levels", "a symlink loop"]),
+    "no-space": (lambda: OSError(errno.ENOSPC, "No space left on device", "out/x"), ["out/x: no space left on the device"]),
+    "message-only-os-error": (lambda: FileNotFoundError("runs/x: image folder not found"), ["runs/x: image folder not found"]),
+    "cv2-error": (_cv2_error, ["OpenCV cannot process the input", "(-215:Assertion failed)"]),
+    "torch-cpu-allocation": (
+        lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB"),
+        ["out of memory", "--batch-size"],
+    ),
+    "recursion": (lambda: RecursionError("maximum recursion depth exceeded"), ["nested too deeply"]),
+    "typed-error": (lambda: ImageReadError("v.png: truncated PNG"), ["v.png: truncated PNG"]),
+    "bug-type-error": (lambda: TypeError("'NoneType' object is not subscriptable"), None),
+    "bug-key-error": (lambda: KeyError("boxes"), None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(DESCRIBED))
+def test_describe_user_error(case):
+    from atssdet.errors import describe_user_error
+
+    make, fragments = DESCRIBED[case]
+    message = describe_user_error(make())
+    if fragments is None:
+        assert message is None
+        return
+    assert message is not None
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "/io/opencv" not in message  # no OpenCV source paths
+
+
+def test_torch_load_problem_drops_the_advice_to_load_unsafely(tmp_path):
+    from atssdet.errors import torch_load_problem
+
+    torch.save({"f": os.system}, tmp_path / "code.pt")
+    (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    for name, expected in (("code.pt", "posix.system"), ("zip.pt", "RuntimeError")):
+        with pytest.raises(Exception) as info:
+            torch.load(tmp_path / name, weights_only=True)
+        problem = torch_load_problem(info.value)
+        assert expected in problem and "weights_only" not in problem and "False" not in problem, problem
