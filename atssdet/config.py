@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atssdet import validate
+from atssdet.validate import MAX_IMAGE_SIDE
 
 COCO_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -30,6 +31,27 @@ COCO_CLASSES: tuple[str, ...] = (
 
 # The synthetic shapes dataset (atssdet.data.synth); category ids 1..6 in this order.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "star", "ring", "cross")
+
+# (low, high) for every integer field that sizes memory (an image side, a channel or class count, a
+# box count); tuple fields apply them to each entry. Checked in ATSSConfig.__post_init__ (with
+# atssdet.validate, whose MAX_IMAGE_SIDE also bounds --short-size/--max-size): sizes arrive from files
+# a user did not write (checkpoint and ONNX metadata), so every config built is checked.
+SIZE_BOUNDS: dict[str, tuple[int, int]] = {
+    "backbone_freeze_at": (0, 5),
+    "fpn_in_channels": (1, 8192),
+    "fpn_out_channels": (1, 4096),
+    "fpn_top_in_channel": (1, 4096),
+    "num_classes": (1, 10000),
+    "stride": (1, 1024),
+    "head_num_convs": (0, 16),
+    "head_norm_groups": (1, 4096),
+    "anchor_topk": (1, 1000),
+    "train_image_short_size": (1, MAX_IMAGE_SIDE),
+    "train_image_max_size": (1, MAX_IMAGE_SIDE),
+    "test_image_short_size": (1, MAX_IMAGE_SIDE),
+    "test_image_max_size": (1, MAX_IMAGE_SIDE),
+    "test_max_boxes_per_image": (1, 100000),
+}
 
 # ATSSConfig.numerics: PyTorch's fast arithmetic or MegEngine's (see the field's comment).
 NUMERICS: tuple[str, ...] = ("torch", "megengine")
@@ -106,6 +128,9 @@ class ATSSConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        for name, (low, high) in SIZE_BOUNDS.items():
+            validate.integers_in(name, getattr(self, name), low, high)
+        validate.learning_rate("basic_lr", self.basic_lr)
         if len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
@@ -114,12 +139,6 @@ class ATSSConfig:
             raise ValueError(f"stride needs one value per FPN level P3..P7 (5), got {self.stride!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}; got {self.numerics!r}")
-        # Sizes and the learning rate, with the bounds every entry point applies (also to a config
-        # read from a checkpoint's metadata: 100000 px would make a small image allocate 22 GB).
-        for name in ("test_image_short_size", "test_image_max_size", "train_image_max_size"):
-            validate.image_side(name, getattr(self, name))
-        validate.image_sides("train_image_short_size", self.train_image_short_size)
-        validate.learning_rate("basic_lr", self.basic_lr)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -1,22 +1,16 @@
 """MegEngine ``.pkl`` checkpoints -> PyTorch state dicts and safetensors files, without MegEngine.
 
 The official hub files are protocol-4 pickles of an ``OrderedDict`` of float32 numpy arrays (training
-checkpoints wrap it as ``{"epoch", "state_dict"}``). They are read with a restricted unpickler that
-resolves exactly the four globals such files use and refuses every other one, so a malicious pickle
-cannot run code.
+checkpoints wrap it as ``{"epoch", "state_dict"}``). They are read by :mod:`atssdet.safe_pickle`
+(a restricted unpickler that runs no code, with a size cap and arrays checked against the bytes
+behind them); this module maps them onto the model, reads the other formats and writes safetensors.
 """
 
 from __future__ import annotations
 
-import collections
-import gzip
-import io
 import os
-import pickle
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,85 +18,27 @@ from torch import nn
 
 from atssdet.config import ATSSConfig
 from atssdet.fileio import atomic_path
+from atssdet.safe_pickle import (
+    CheckpointError,
+    RestrictedUnpickler,
+    check_file_size,
+    load_megengine_pickle,
+    max_checkpoint_bytes,
+)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the problem."""
-
-
-def _numpy_reconstruct() -> Any:
-    try:  # numpy >= 2 renamed numpy.core to numpy._core
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return _reconstruct
-
-
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals MegEngine weight files need; anything else raises :class:`CheckpointError`."""
-
-    def __init__(self, file: io.BufferedIOBase | io.BytesIO, *, source: str) -> None:
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise CheckpointError(
-                f"{self.source}: refusing to load: the pickle references {module}.{name}, which a "
-                "MegEngine weight file never contains (only OrderedDict and numpy arrays are allowed); "
-                "the file may be malicious or not a MegEngine checkpoint"
-            ) from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise CheckpointError(f"{self.source}: refusing to load: the pickle uses persistent ids")
-
-
-def load_megengine_pickle(path: str | os.PathLike[str]) -> collections.OrderedDict[str, np.ndarray]:
-    """Read a MegEngine ``.pkl`` (optionally gzip-compressed) into an ordered ``{key: float32 array}``.
-
-    Accepts the hub format (a flat mapping) and training checkpoints (``{"epoch", "state_dict"}``).
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror or exc}") from exc
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise CheckpointError(f"{path}: corrupt or truncated gzip data: {exc}") from exc
-    if not raw.startswith(b"\x80"):
-        raise CheckpointError(f"{path}: not a pickle file (a MegEngine .pkl starts with a protocol header)")
-    try:
-        obj = RestrictedUnpickler(io.BytesIO(raw), source=str(path)).load()
-    except CheckpointError:
-        raise
-    except Exception as exc:  # truncated or garbled pickle streams raise many types
-        raise CheckpointError(f"{path}: corrupt or truncated pickle: {type(exc).__name__}: {exc}") from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a mapping of arrays, found {type(obj).__name__}")
-    out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise CheckpointError(
-                f"{path}: entry {key!r} is {type(value).__name__}, expected a numpy array under a str key"
-            )
-        out[key] = value
-    return out
+__all__ = [
+    "CheckpointError",
+    "RestrictedUnpickler",
+    "convert_checkpoint",
+    "load_megengine_pickle",
+    "load_safetensors",
+    "load_weights",
+    "max_checkpoint_bytes",
+    "megengine_to_torch",
+    "read_checkpoint_arrays",
+    "read_checkpoint_config",
+    "save_safetensors",
+]
 
 
 def megengine_to_torch(
@@ -169,7 +105,11 @@ def save_safetensors(
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ATSSConfig | None]:
-    """Read an atssdet safetensors file: ``(state_dict, config or None)``."""
+    """Read an atssdet safetensors file: ``(state_dict, config or None)``.
+
+    The config is checked (field bounds, :class:`ATSSConfig`) before any tensor is read; bfloat16
+    tensors (NumPy has no such dtype) are upcast to float32, exactly.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -177,19 +117,28 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
         raise CheckpointError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-        # numpy (read_checkpoint_arrays) has no bfloat16: upcast, exactly, to float32.
-        tensors = {k: t.float() if t.dtype == torch.bfloat16 else t for k, t in tensors.items()}
+            cfg = _saved_config(path, f.metadata() or {})
+            tensors = {k: _upcast_bfloat16(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from exc
-    cfg = None
-    if "atssdet_config" in meta:
-        try:
-            cfg = ATSSConfig.from_json(meta["atssdet_config"])
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{path}: invalid atssdet_config metadata: {exc}") from exc
     return tensors, cfg
+
+
+def _upcast_bfloat16(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+
+
+def _saved_config(path: Path, meta: Mapping[str, str]) -> ATSSConfig | None:
+    """The ``atssdet_config`` of a safetensors file's metadata (None if absent), checked by ATSSConfig."""
+    text = meta.get("atssdet_config")
+    if not text:
+        return None
+    try:
+        return ATSSConfig.from_json(text)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: invalid atssdet_config metadata: {exc}") from exc
 
 
 def read_checkpoint_config(path: str | os.PathLike[str]) -> ATSSConfig | None:
@@ -203,13 +152,7 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> ATSSConfig | None:
             meta = f.metadata() or {}
     except Exception as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from exc
-    text = meta.get("atssdet_config")
-    if not text:
-        return None
-    try:
-        return ATSSConfig.from_json(text)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: invalid atssdet_config metadata: {exc}") from exc
+    return _saved_config(Path(path), meta)
 
 
 def _config_difference(saved: ATSSConfig, model: nn.Module) -> str:
@@ -226,19 +169,25 @@ def _suffix(path: Path) -> str:
     return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
 
 
-def read_checkpoint_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], ATSSConfig | None]:
+def read_checkpoint_arrays(
+    path: str | os.PathLike[str], *, max_bytes: int | None = None
+) -> tuple[dict[str, np.ndarray], ATSSConfig | None]:
     """``({key: array}, config or None)`` from any checkpoint format atssdet reads, without a model.
 
     ``.pkl``/``.pkl.gz`` (MegEngine, restricted unpickler), ``.safetensors`` (atssdet; the config comes
     from its metadata) or ``.pt``/``.pth`` (``torch.load(weights_only=True)``; a state dict, possibly
     under ``"model"`` or ``"state_dict"``, whose every value must be a tensor). Any other suffix, an
     unreadable or corrupt file and a pickle that references anything but OrderedDict/numpy raise
-    :class:`CheckpointError` naming the file.
+    :class:`CheckpointError` naming the file. ``max_bytes`` (default :func:`max_checkpoint_bytes`)
+    caps the file size, and a ``.pkl.gz`` file's decompressed size.
     """
     path = Path(path)
     suffix = _suffix(path)
+    limit = max_checkpoint_bytes() if max_bytes is None else max_bytes
     if suffix in (".pkl", ".pkl.gz"):
-        return dict(load_megengine_pickle(path)), None
+        return dict(load_megengine_pickle(path, max_bytes=limit)), None
+    if path.is_file():
+        check_file_size(path, limit)
     if suffix == ".safetensors":
         tensors, saved_cfg = load_safetensors(path)
         return {k: v.numpy() for k, v in tensors.items()}, saved_cfg
@@ -293,9 +242,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], cfg: ATSSConfig) -> Path:
     """Convert a MegEngine ``.pkl`` into an atssdet ``.safetensors`` file for the model ``cfg`` describes."""
+    arrays = load_megengine_pickle(src)  # first: a refused file costs no model (nor its imports)
     from atssdet.modeling.atss import build_model
 
     model = build_model(cfg)
-    state = megengine_to_torch(load_megengine_pickle(src), model, source=str(src))
+    state = megengine_to_torch(arrays, model, source=str(src))
     model.load_state_dict(state, strict=True)
     return save_safetensors(model.state_dict(), dst, cfg=cfg)

@@ -21,8 +21,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from atssdet.convert import CheckpointError, load_megengine_pickle, megengine_to_torch, save_safetensors
+from atssdet.convert import (
+    CheckpointError,
+    load_megengine_pickle,
+    max_checkpoint_bytes,
+    megengine_to_torch,
+    save_safetensors,
+)
 from atssdet.fileio import atomic_path
+from atssdet.safe_pickle import MAX_CHECKPOINT_BYTES_ENV
 from atssdet.zoo import ZooEntry, cache_dir
 
 logger = logging.getLogger(__name__)
@@ -64,15 +71,23 @@ def _manual_help(entry: ZooEntry) -> str:
 
 
 def download_file(
-    url: str, dst: Path, *, desc: str | None = None, progress: bool = True, timeout: float = _TIMEOUT_S
+    url: str,
+    dst: Path,
+    *,
+    desc: str | None = None,
+    progress: bool = True,
+    timeout: float = _TIMEOUT_S,
+    max_bytes: int | None = None,
 ) -> None:
     """Download ``url`` into ``dst`` (a temp file from :func:`atssdet.fileio.atomic_path`: the caller
     verifies it before it is renamed into place). A failure raises :class:`DownloadError`; a byte
-    count different from ``Content-Length`` (a connection closed early) or an empty body is one.
-    ``desc`` labels the progress bar (default: ``dst``'s name).
+    count different from ``Content-Length`` (a connection closed early), an empty body and a body
+    over ``max_bytes`` (default :func:`~atssdet.convert.max_checkpoint_bytes`; an endless or huge
+    response would fill the disk) are. ``desc`` labels the progress bar (default: ``dst``'s name).
     """
     from tqdm import tqdm
 
+    limit = max_checkpoint_bytes() if max_bytes is None else max_bytes
     received = 0
     expected: int | None = None
     with open(dst, "wb") as f:
@@ -81,6 +96,8 @@ def download_file(
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 length = response.headers.get("Content-Length")
                 expected = int(length) if length is not None and length.strip().isdigit() else None
+                if expected is not None and expected > limit:
+                    raise _over_limit(url, f"the server announces {expected} bytes,", limit)
                 with tqdm(
                     total=expected,
                     unit="B",
@@ -90,8 +107,10 @@ def download_file(
                     disable=not progress,
                 ) as bar:
                     while chunk := response.read(_CHUNK_BYTES):
-                        f.write(chunk)
                         received += len(chunk)
+                        if received > limit:
+                            raise _over_limit(url, "the download is", limit)
+                        f.write(chunk)
                         bar.update(len(chunk))
         except urllib.error.HTTPError as exc:
             raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
@@ -112,6 +131,13 @@ def download_file(
         )
     if received == 0:
         raise DownloadError(f"{url}: the server sent an empty file")
+
+
+def _over_limit(url: str, what: str, limit: int) -> DownloadError:
+    return DownloadError(
+        f"{url}: {what} more than {limit} bytes, the checkpoint size limit (${MAX_CHECKPOINT_BYTES_ENV}); "
+        "stopped, nothing kept"
+    )
 
 
 def verify_and_convert(entry: ZooEntry, pkl_path: Path, *, source: str) -> Path:

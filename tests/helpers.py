@@ -11,13 +11,15 @@ import numpy as np
 
 
 def snapshot_files(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """``{path relative to folder: sha256 of its bytes}`` of every file under ``folder`` (symlinks not followed)."""
+    """``{relative path: sha256 of the bytes}`` of every file below ``folder``: compare before and after
+    a command to prove it replaced, changed or deleted nothing (new files show up as new keys)."""
     root = Path(folder)
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as f:
+                out[str(p.relative_to(root))] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
 
 
 def tiff_header(width: int, height: int) -> bytes:

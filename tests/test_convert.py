@@ -92,6 +92,32 @@ def test_safetensors_round_trip_keeps_config(tmp_path, r18_model):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_bfloat16_safetensors_load_upcast(tmp_path, r18_model):
+    """A bfloat16 file (NumPy has no bfloat16) loads: every tensor upcast exactly to float32."""
+    bf16 = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in r18_model.state_dict().items()
+    }
+    path = save_safetensors(bf16, tmp_path / "half.safetensors", cfg=r18_model.cfg)
+    tensors, cfg = load_safetensors(path)
+    assert cfg == r18_model.cfg and all(t.dtype != torch.bfloat16 for t in tensors.values())
+    model = build_model(r18_model.cfg)
+    load_weights(model, path)
+    for key, value in bf16.items():
+        assert torch.equal(model.state_dict()[key], value.to(model.state_dict()[key].dtype)), key
+
+
+def test_checked_reader_equals_numpy_unpickling(r18_checkpoint):
+    """The capped, checked reader returns what numpy's own unpickling does (writable float32 arrays)."""
+    import gzip as gz
+
+    ours = load_megengine_pickle(r18_checkpoint)
+    plain = pickle.loads(gz.decompress(r18_checkpoint.read_bytes()))
+    assert list(ours) == list(plain)
+    for key, value in plain.items():
+        assert ours[key].dtype == value.dtype and ours[key].flags.writeable, key
+        np.testing.assert_array_equal(ours[key], value)
+
+
 def test_mismatch_is_named(tmp_path, r18_checkpoint):
     arrays = load_megengine_pickle(r18_checkpoint)
     arrays.pop("head.ctrness.bias")

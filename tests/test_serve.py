@@ -227,7 +227,12 @@ def test_failing_inference_returns_500_and_server_recovers(app, uploads, expecte
     monkeypatch.setattr(app.state.batcher, "detect", broken)
     resp = _detect(app, uploads["cat.jpg"])
     assert resp.status_code == 500
-    assert resp.json()["error"] == "inference failed: RuntimeError: out of memory (simulated)"
+    # Issue 14 item 8: the body names the upload and the failure, never the exception's type or text
+    # (which can carry server paths); the request id finds the traceback in the server log.
+    body = resp.json()
+    assert body["error"].startswith("inference failed for image.jpg (459x612 pixels)")
+    assert body["request_id"] in body["error"] and resp.headers["x-request-id"] == body["request_id"]
+    assert "RuntimeError" not in body["error"] and "simulated" not in body["error"]
     assert _request(app, "GET", "/healthz").json()["status"] == "ok"
 
     monkeypatch.setattr(app.state.batcher, "detect", real)
@@ -333,3 +338,16 @@ def test_cli_serve_rejects_bad_arguments(r18_checkpoint, capsys):
     assert "test_*" in capsys.readouterr().err
     assert main(["serve", "--model", R18, "--max-batch", "0"]) == 2
     assert "--max-batch" in capsys.readouterr().err
+
+
+def test_run_server_refuses_an_unguarded_or_tokenless_public_app(small_detector):
+    """run_server needs an access policy (Host/Origin/token checks) and a token off loopback."""
+    from atssdet.serve import AccessPolicy, run_server
+
+    bare = create_app(small_detector, model_name=R18)
+    with pytest.raises(ValueError, match="access=AccessPolicy"):
+        run_server(bare, host="127.0.0.1", port=0)
+    # A loopback policy reused for a public address is refused before any socket is bound.
+    loop = create_app(small_detector, model_name=R18, access=AccessPolicy.for_address("127.0.0.1"))
+    with pytest.raises(ValueError, match="--host 0.0.0.0: serving a non-loopback address needs a token"):
+        run_server(loop, host="0.0.0.0", port=0)

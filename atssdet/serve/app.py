@@ -1,14 +1,18 @@
 """The FastAPI application: routes, response models and error handlers (see ``docs/serving.md``).
 
 ``create_app`` takes one :class:`~atssdet.detector.Detector` and builds one :class:`DynamicBatcher`
-whose worker calls it; the routes read them from ``app.state``. Uploads are decoded on the event loop's
-thread pool, never on the loop itself.
+whose worker calls it; the routes read them from ``app.state``. Uploads are sized from their header
+against a :class:`~atssdet.serve.checks.PixelBudget`, then decoded on the event loop's thread pool,
+never on the loop itself. Error bodies never carry exception types or server paths: an unexpected
+error is logged with a request id, and the client gets the id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ from importlib import resources
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -27,9 +32,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from atssdet.config import ATSSConfig
 from atssdet.detector import Detector
 from atssdet.options import InferenceOptions
-from atssdet.serve.batcher import DynamicBatcher, ServerBusy
-from atssdet.serve.checks import ApiError, BodyLimit, decode_upload, request_options
+from atssdet.serve.access import AccessGuard, AccessPolicy
+from atssdet.serve.batcher import BatchResult, DynamicBatcher, ServerBusy
+from atssdet.serve.checks import (
+    ApiError,
+    BodyLimit,
+    PixelBudget,
+    busy,
+    decode_upload,
+    request_options,
+    upload_pixels,
+)
 from atssdet.structures import Detections
+
+logger = logging.getLogger("atssdet.serve")
 
 
 class ImageSize(BaseModel):
@@ -60,6 +76,7 @@ class DetectResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str
+    request_id: str | None = Field(None, description="500 only: find the details in the server log")
 
 
 @dataclass(frozen=True)
@@ -93,12 +110,20 @@ def create_app(
     max_wait_ms: float = 10.0,
     max_upload_mb: float = 20.0,
     max_queue: int = 1024,
+    max_inflight_megapixels: float = 200.0,
+    body_timeout_s: float = 60.0,
+    access: AccessPolicy | None = None,
+    docs: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving ``detector`` (see :func:`~atssdet.serve.server.serving_detector`).
 
     Its config supplies the inference settings (test sizes, ``test_*`` defaults, class names). The
     batching worker thread (``app.state.batcher``) starts with the app (or at the first request) and
-    stops at shutdown.
+    stops at shutdown. ``max_inflight_megapixels``: decoded pixels of the requests in flight (more
+    get 503 + Retry-After); ``body_timeout_s``: time for a request body to arrive (else 408);
+    ``access``: Host/Origin/token checks (None: none, for an app embedded behind its own checks;
+    ``run_server`` requires one); ``docs``: FastAPI's ``/docs`` page, which loads Swagger UI from a
+    CDN (``/openapi.json`` is always served).
     """
     cfg, device = detector.cfg, detector.device
     batcher = DynamicBatcher(
@@ -113,8 +138,17 @@ def create_app(
         finally:
             await run_in_threadpool(batcher.stop)
 
-    app = FastAPI(title="atssdet", summary="ATSS object detection over HTTP", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="atssdet",
+        summary="ATSS object detection over HTTP",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+    )
     app.state.batcher = batcher
+    app.state.pixels = PixelBudget(int(max_inflight_megapixels * 1e6))
+    app.state.access = access
     app.state.served = _Served(
         model_name=model_name,
         cfg=cfg,
@@ -123,14 +157,39 @@ def create_app(
         limits={"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_upload_mb": max_upload_mb},
         page=resources.files("atssdet").joinpath("static/index.html").read_text(encoding="utf-8"),
     )
-    app.add_middleware(BodyLimit, max_mb=max_upload_mb)
+    # Outermost last: CORS answers preflights, then the access checks, then the body limits.
+    app.add_middleware(BodyLimit, max_mb=max_upload_mb, timeout_s=body_timeout_s)
+    if access is not None:
+        app.add_middleware(AccessGuard, policy=access)
+        if access.cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=list(access.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
     _add_error_handlers(app)
     app.include_router(router)
     return app
 
 
-def _error_response(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def _error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def internal_error(what: str, exc: BaseException) -> ApiError:
+    """500 for the client (``what`` failed, a request id), the exception for the server log only."""
+    request_id = uuid.uuid4().hex[:12]
+    logger.error("request %s: %s", request_id, what, exc_info=exc)
+    return ApiError(
+        500,
+        f"{what} (request id {request_id}; the server log has the details)",
+        headers={"X-Request-ID": request_id},
+    )
 
 
 def _validation_summary(exc: RequestValidationError) -> str:
@@ -151,7 +210,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc.status, exc.message)
+        request_id = (exc.headers or {}).get("X-Request-ID")
+        extra = {"request_id": request_id} if request_id else {}
+        return _error_response(exc.status, exc.message, exc.headers, **extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -162,8 +223,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        err = internal_error(f"{request.method} {request.url.path}: internal error", exc)
+        return await _api_error(request, err)
 
 
 def config_summary(cfg: ATSSConfig) -> dict[str, Any]:
@@ -187,11 +249,15 @@ router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
-        (413, "upload larger than --max-upload-mb"),
+        (400, "Host header not a name of this server (--allowed-host)"),
+        (401, "missing or wrong 'Authorization: Bearer TOKEN' (--token)"),
+        (403, "cross-origin request from an origin not in --cors-origin"),
+        (408, "request body not received in time"),
+        (413, "upload larger than --max-upload-mb, or more pixels than the in-flight budget"),
         (415, "the upload is not an image format OpenCV knows"),
         (422, "missing file field, empty or corrupt image, or a bad option"),
-        (500, "inference failed (the server keeps serving)"),
-        (503, "request queue full"),
+        (500, "inference failed (the server keeps serving); the body has a request id"),
+        (503, "busy: pixels in flight or queue full, or out of memory (Retry-After)"),
     )
 }
 _THRESHOLD_HELP = "keep scores above this (0..1)"
@@ -235,16 +301,15 @@ async def detect(
     )
     filename = file.filename or "upload"
     data = await file.read()
-    image = await run_in_threadpool(decode_upload, data, filename=filename)
-    t1 = time.perf_counter()
+    budget: PixelBudget = request.app.state.pixels
+    reservation = budget.reserve(upload_pixels(data), filename=filename)
     try:
-        future = batcher.submit(image, options)
-    except ServerBusy as exc:
-        raise ApiError(503, str(exc)) from None
-    try:
-        result = await asyncio.wrap_future(future)
-    except Exception as exc:
-        raise ApiError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+        image = await run_in_threadpool(decode_upload, data, filename=filename)
+        reservation.resize(image.shape[0] * image.shape[1])
+        t1 = time.perf_counter()
+        result = await _infer(batcher, image, options, filename)
+    finally:
+        reservation.release()
     d = result.detections
     labels = d.labels.tolist()
     return DetectResponse(
@@ -265,6 +330,23 @@ async def detect(
             total=(time.perf_counter() - t0) * 1000.0,
         ),
     )
+
+
+async def _infer(
+    batcher: DynamicBatcher, image: np.ndarray, options: InferenceOptions, filename: str
+) -> BatchResult:
+    """The batcher's result for one image; its failures as ApiErrors without internals."""
+    try:
+        future = batcher.submit(image, options)
+    except ServerBusy as exc:
+        raise busy(f"{filename}: {exc}") from None
+    described = f"{filename} ({image.shape[1]}x{image.shape[0]} pixels)"
+    try:
+        return await asyncio.wrap_future(future)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise busy(f"{described}: out of memory while detecting; retry later") from None
+    except Exception as exc:
+        raise internal_error(f"inference failed for {described}", exc) from None
 
 
 @router.get("/healthz")

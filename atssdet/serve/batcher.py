@@ -4,7 +4,8 @@ The worker takes the first waiting request, waits up to ``max_wait_ms`` for more
 ``max_batch`` in all), and runs them together; requests that arrive while it computes are waiting
 when it comes back, so batches grow with load. Requests with different :class:`InferenceOptions`
 run as separate calls of the ``detect`` function, so each gets exactly the detections it would get
-alone (the function itself groups images by padded size, see :mod:`atssdet.batching`).
+alone (the function itself groups images by padded size, see :mod:`atssdet.batching`). When a call
+fails, each of its requests is run again alone, so one bad image fails only its own request.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class DynamicBatcher:
 
     ``submit`` is thread-safe and returns a :class:`concurrent.futures.Future`; the worker collects up
     to ``max_batch`` requests, waiting at most ``max_wait_ms`` after the first for more, and calls
-    ``detect(images, options)`` once per distinct options. A failing call fails only its own
-    requests; the worker keeps running.
+    ``detect(images, options)`` once per distinct options. When a call of several requests fails,
+    each runs again alone: only the requests that fail alone get the exception; the worker keeps
+    running. ``failures`` counts failed calls.
     """
 
     def __init__(
@@ -143,16 +145,21 @@ class DynamicBatcher:
         return jobs, False
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            jobs, stop = self._collect()
-            # A request whose client went away was cancelled: skip it (and never set its result).
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            by_options: dict[InferenceOptions, list[_Job]] = {}
-            for job in jobs:
-                by_options.setdefault(job.options, []).append(job)
-            for options, group in by_options.items():
-                self._process(options, group)
+        while self._run_one_batch():
+            pass
+
+    def _run_one_batch(self) -> bool:
+        """Collect and run one batch; False once stopping. Its images are unreferenced on return, so
+        an idle worker holds no pixels."""
+        jobs, stop = self._collect()
+        # A request whose client went away was cancelled: skip it (and never set its result).
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        by_options: dict[InferenceOptions, list[_Job]] = {}
+        for job in jobs:
+            by_options.setdefault(job.options, []).append(job)
+        for options, group in by_options.items():
+            self._process(options, group)
+        return not stop
 
     def _process(self, options: InferenceOptions, jobs: list[_Job]) -> None:
         start = time.perf_counter()
@@ -160,8 +167,11 @@ class DynamicBatcher:
             dets = self.detect([j.image for j in jobs], options)
         except Exception as exc:  # one bad batch must not end the worker
             self.failures += 1
-            for job in jobs:
-                job.future.set_exception(exc)
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(exc)
+                return
+            for job in jobs:  # one bad image must not fail the others: each again, alone
+                self._process(options, [job])
             return
         end = time.perf_counter()
         self.batches += 1
