@@ -31,22 +31,44 @@ class ATSSAssignment(NamedTuple):
 
 
 def _nearest_k_indices(distances: Tensor, k: int) -> Tensor:
-    """Indices ``[..., k]`` of the ``k`` smallest ``distances`` ``[..., P]``, ties to the smaller index.
+    """Indices ``[..., k]`` of the ``k`` smallest ``distances`` ``[..., P]``, ascending, ties to the smaller index.
 
     ``torch.topk`` does not say which of equal values it returns. Only a tie across the k-th place
-    changes the chosen *set*, so rows with one (k-th value == (k+1)-th value) are redone with a stable
-    sort; the others keep topk's indices (order inside the set does not matter).
+    changes the chosen *set*, so rows with one (k-th value == (k+1)-th value) are redone as a stable
+    sort would pick them; the others keep topk's indices (order inside the set does not matter).
+    On the CPU, where reading a tensor costs nothing, only the tied rows are redone; on a GPU the
+    redo is computed for every row (:func:`_stable_nearest_k`), so the host never waits to learn
+    whether there is a tie.
     """
-    if k >= distances.shape[-1]:
-        return torch.arange(distances.shape[-1], device=distances.device).expand(*distances.shape[:-1], -1)
+    p = distances.shape[-1]
+    if k >= p:
+        return torch.arange(p, device=distances.device).expand(*distances.shape[:-1], -1)
     values, indices = distances.topk(k + 1, dim=-1, largest=False, sorted=True)
     indices = indices[..., :k]
     tied = values[..., k - 1] == values[..., k]  # [...]
+    if distances.device.type != "cpu":
+        return torch.where(tied[..., None], _stable_nearest_k(distances, values[..., k - 1 : k], k), indices)
     if bool(tied.any()):
         stable = torch.sort(distances[tied], dim=-1, stable=True).indices[..., :k]
         indices = indices.clone()
         indices[tied] = stable
     return indices
+
+
+def _stable_nearest_k(distances: Tensor, kth: Tensor, k: int) -> Tensor:
+    """The first ``k`` indices of a stable ascending sort of ``distances [..., P]``, without sorting
+    the rows: every point nearer than ``kth [..., 1]`` (the k-th smallest value) plus the lowest-index
+    points at that value, then ordered by (distance, index)."""
+    nearer = distances < kth  # fewer than k per row
+    at_kth = distances == kth
+    take = nearer | (at_kth & (at_kth.cumsum(-1) <= k - nearer.sum(-1, keepdim=True)))  # k per row
+    # Scatter the k taken indices (in index order) to slots 0..k-1; all others go to slot k, dropped.
+    slot = torch.where(take, take.cumsum(-1) - 1, k)
+    point_idx = torch.arange(distances.shape[-1], device=distances.device).expand_as(slot)
+    chosen = torch.zeros((*distances.shape[:-1], k + 1), dtype=torch.long, device=distances.device)
+    chosen = chosen.scatter_(-1, slot, point_idx)[..., :k]
+    order = torch.sort(torch.gather(distances, -1, chosen), dim=-1, stable=True).indices
+    return torch.gather(chosen, -1, order)
 
 
 @torch.no_grad()

@@ -68,6 +68,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def default_backend(device: torch.device) -> str:
+    """NCCL for CUDA devices (GPU-direct collectives), gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(
     *,
     device: str | torch.device | None = None,
@@ -88,7 +93,7 @@ def init_distributed(
         raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     dev = resolve_device(device)
     if backend is None:
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = default_backend(dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     _timeout_s = float(timeout)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _PASSED = (
     "batch_size", "max_iters", "resume", "amp", "device", "init_backbone", "finetune", "checkpoint_every",
     "keep_checkpoints", "eval_every", "num_workers", "seed", "log_every", "progress", "max_bad_images",
-    "data_check", "dist_timeout", "allow_layout_change",
+    "data_check", "dist_timeout", "allow_layout_change", "channels_last", "compile", "cudnn_benchmark",
 )  # fmt: skip
 
 
@@ -69,7 +69,26 @@ def add_parser(sub: SubParsers) -> None:
         help="resume a checkpoint written with another processes x batch layout: continue at the same "
         "number of images seen, lr of the new global batch (data order then differs)",
     )
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="fp16",
+        choices=("bf16", "fp16"),
+        help="mixed precision: bf16 (CPU or GPU) or fp16 (CUDA, with loss scaling); --amp alone means fp16",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="NHWC weights and activations (faster convolutions on GPUs)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the forward pass (minutes of compiling first)"
+    )
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="cuDNN autotuning per input shape: for fixed-size training (the recipe's sizes vary; default off)",
+    )
     add_device_flag(p, "cpu, cuda, cuda:1 ... (default: cuda if available; per LOCAL_RANK under torchrun)")
     p.add_argument(
         "--init-backbone", metavar="FILE", help="ImageNet ResNet weights: torchvision .pth or MegEngine .pkl"

@@ -9,9 +9,11 @@ which is most of the gap between a PyTorch forward pass and MegEngine's stored o
 
 :func:`megengine_group_norm` reproduces that arithmetic operation by operation. Sequential sums cannot
 be vectorised across their own axis, so it computes on the CPU with NumPy (``np.cumsum`` with a float32
-accumulator is a strict left-to-right recurrence), vectorised over images, groups and channels, and
-moves the result back to the input's device. It is a parity tool: use PyTorch's GroupNorm
-(``numerics="torch"``, the default) for speed and accuracy.
+accumulator is a strict left-to-right recurrence), vectorised over images, groups and channels. It is
+a parity tool: use PyTorch's GroupNorm
+(``numerics="torch"``, the default) for speed and accuracy. On any other device than the CPU it is
+refused (:func:`check_megengine_numerics_device`): every head activation would cross to the host and
+back, and MegEngine's numbers are CPU numbers anyway.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["megengine_group_norm"]
+__all__ = ["check_megengine_numerics_device", "megengine_group_norm"]
 
 _F32 = np.float32
 
@@ -103,14 +105,25 @@ class _MegEngineGroupNorm(torch.autograd.Function):
         return back(dx, x), None, back(dweight, weight), back(dbias, weight), None
 
 
+def check_megengine_numerics_device(device: torch.device) -> None:
+    """Raise ValueError unless ``device`` is the CPU, the only place ``numerics="megengine"`` runs."""
+    if device.type != "cpu":
+        raise ValueError(
+            f"numerics='megengine' computes GroupNorm with NumPy on the CPU (MegEngine's CPU rounding, a "
+            f"parity tool); on {device} every head activation would go to the host and back. Use "
+            "numerics='torch' (the default) on a GPU, or run the parity model on device='cpu'"
+        )
+
+
 def megengine_group_norm(
     x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float = 1e-5
 ) -> Tensor:
     """GroupNorm of ``x [N, C, H, W]`` (affine ``weight``/``bias [C]``) rounded as MegEngine's CPU kernel.
 
-    Differentiable (MegEngine's backward formulas); computed in float32 on the CPU whatever the
-    input's device, returned on the input's device and dtype.
+    Differentiable (MegEngine's backward formulas); computed in float32 with NumPy, returned in the
+    input's dtype. ``x`` must be on the CPU (:func:`check_megengine_numerics_device`).
     """
+    check_megengine_numerics_device(x.device)
     if x.dim() != 4 or x.shape[1] % num_groups:
         raise ValueError(
             f"expected [N, C, H, W] with C divisible by {num_groups} groups, got {tuple(x.shape)}"

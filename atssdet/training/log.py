@@ -20,6 +20,7 @@ from atssdet.config import ATSSConfig
 
 if TYPE_CHECKING:
     from atssdet.training.checkpoint import Resume
+    from atssdet.training.device import DeviceOptions
 
 LOG_NAME = "train_log.jsonl"
 
@@ -51,8 +52,7 @@ def start_record(
     max_iters: int,
     batch_size: int,
     world_size: int,
-    device: torch.device,
-    amp: bool,
+    opts: DeviceOptions,
     resume: Resume | None,
     num_images: int,
 ) -> dict[str, Any]:
@@ -71,8 +71,11 @@ def start_record(
         "world_size": world_size,
         "batch_size": batch_size,
         "global_batch": batch_size * world_size,
-        "device": str(device),
-        "amp": amp,
+        "device": str(opts.device),
+        "amp": opts.amp,
+        "channels_last": opts.channels_last,
+        "compile": opts.compile,
+        "cudnn_benchmark": opts.cudnn_benchmark,
         "resumed_from": str(resume.path) if resume is not None else None,
         "resumed_layout": layout,
         "num_images": num_images,

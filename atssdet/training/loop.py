@@ -20,6 +20,7 @@ ends the job with :class:`~atssdet.distributed.DistributedError` instead of a ha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -44,6 +45,7 @@ from atssdet.training.checkpoint import (
     seed_everything,
 )
 from atssdet.training.data import check_training_data, training_dataset
+from atssdet.training.device import DeviceOptions, compiled, cudnn_autotuning, device_options, prepare_model
 from atssdet.training.log import LOG_NAME, TrainLog, start_record
 from atssdet.training.result import TrainingError, TrainResult
 from atssdet.training.schedule import build_optimizer, learning_rate, set_learning_rate, total_iterations
@@ -62,8 +64,11 @@ def train(
     batch_size: int = 2,
     max_iters: int | None = None,
     resume: str | os.PathLike[str] | None = None,
-    amp: bool = False,
+    amp: bool | str | None = None,
     device: str | torch.device | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    cudnn_benchmark: bool = False,
     init_backbone: str | os.PathLike[str] | None = None,
     finetune: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 5000,
@@ -96,8 +101,12 @@ def train(
             8 GPUs -> 4): training continues at the same number of images seen (iteration
             ``saved_iteration * saved_global_batch // global_batch``) with the lr of the new global
             batch; the data order then differs from an uninterrupted run.
-        amp: mixed precision (CUDA only): autocast float16 forward, float32 losses, GradScaler.
+        amp: mixed precision of the forward pass: ``"bf16"`` (CPU or GPU), ``"fp16"`` (CUDA only, with a
+            GradScaler; ``True`` means this); losses in float32 either way. None: float32.
         device: default ``cuda`` if available (``cuda:LOCAL_RANK`` under torchrun), else ``cpu``.
+        channels_last, compile, cudnn_benchmark: NHWC weights and activations, ``torch.compile`` of the
+            forward pass, cuDNN autotuning per input shape (for fixed sizes); see
+            :mod:`atssdet.training.device`. None changes the checkpoint format.
         init_backbone: ImageNet ResNet weights (torchvision ``.pth`` or MegEngine ``.pkl``).
         finetune: a detector checkpoint (zoo ``.pkl``, ``.safetensors``, ``.pt``) to start from; its
             classifier is replaced when the class count differs (always re-initialised).
@@ -119,7 +128,9 @@ def train(
     """
     _check_arguments(batch_size, checkpoint_every, init_backbone, finetune)
     info = distributed.init_distributed(device=device, timeout=dist_timeout)
-    dev = _training_device(cfg, device, amp=amp)
+    opts = device_options(cfg, device, amp=amp, channels_last=channels_last, compile=compile,
+                          cudnn_benchmark=cudnn_benchmark)  # fmt: skip
+    dev = opts.device
     world, global_batch, out = info.world_size, batch_size * info.world_size, Path(out_dir)
     if info.is_main:
         prepare_out_dir(out)
@@ -131,7 +142,7 @@ def train(
             resume, out, cfg, batch_size=batch_size, allow_layout_change=allow_layout_change
         )
     seed = resumed.seed if resumed is not None and resumed.seed is not None else seed
-    run = _training_state(cfg, resumed, seed=seed, device=dev, global_batch=global_batch, amp=amp,
+    run = _training_state(cfg, resumed, seed=seed, opts=opts, global_batch=global_batch,
                           init_backbone=init_backbone, finetune=finetune)  # fmt: skip
     start = resumed.start_iteration if resumed is not None else 0
     net: nn.Module = run.model
@@ -140,6 +151,7 @@ def train(
             run.model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
     run.model.train()
+    step_net = compiled(net, opts)
 
     end = max_iters if max_iters is not None else total_iterations(cfg, global_batch)
     loader = build_train_loader(
@@ -156,12 +168,12 @@ def train(
         progress=progress, device=dev,
     )  # fmt: skip
     log.write(start_record(
-        cfg, iteration=start, max_iters=end, batch_size=batch_size, world_size=world, device=dev, amp=amp,
+        cfg, iteration=start, max_iters=end, batch_size=batch_size, world_size=world, opts=opts,
         resume=resumed, num_images=len(dataset),
     ))  # fmt: skip
     batches = iter(loader)
     val = (val_ann, val_images) if val_ann is not None and val_images is not None else None
-    try:
+    with cudnn_autotuning(opts.cudnn_benchmark), contextlib.closing(log):
         for iteration in range(start, end):
             t0 = time.perf_counter()
             batch, bad = next(batches)
@@ -170,9 +182,15 @@ def train(
                 print(f"atssdet train: warning: skipping unreadable image: {reason}", file=sys.stderr)
             lr = set_learning_rate(run.optimizer, learning_rate(cfg, iteration, global_batch=global_batch))
             step = train_step(
-                net, batch, bad, cfg, run, iteration=iteration, device=dev, amp=amp,
+                step_net,
+                batch,
+                bad,
+                cfg,
+                run,
+                iteration=iteration,
+                opts=opts,
                 last_checkpoint=result.checkpoint,
-            )  # fmt: skip
+            )
             run.skipped_images.extend(bad)
             run.bad_images_total += step.num_bad
             done = result.iteration = iteration + 1
@@ -188,8 +206,6 @@ def train(
                 result.evals.append({"iteration": done, "stats": stats})
                 log.evaluation(done, stats)
                 run.model.train()
-    finally:
-        log.close()
 
     if result.iteration == end:
         result.weights = out / FINAL_WEIGHTS_NAME
@@ -205,9 +221,8 @@ def _training_state(
     resumed: Resume | None,
     *,
     seed: int,
-    device: torch.device,
+    opts: DeviceOptions,
     global_batch: int,
-    amp: bool,
     init_backbone: str | os.PathLike[str] | None,
     finetune: str | os.PathLike[str] | None,
 ) -> TrainingState:
@@ -219,12 +234,12 @@ def _training_state(
         init_weights(atss, backbone=init_backbone, finetune=finetune)
     else:
         atss.load_state_dict(resumed.state["model"], strict=True)
-    model: nn.Module = atss.to(device)
+    model: nn.Module = prepare_model(atss.to(opts.device), opts)
     if cfg.backbone_norm == "SyncBN" and distributed.get_world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params, lr=learning_rate(cfg, 0, global_batch=global_batch))
-    run = TrainingState(model, optimizer, torch.amp.GradScaler("cuda", enabled=amp))
+    run = TrainingState(model, optimizer, opts.grad_scaler())
     if resumed is not None:
         restore(resumed, run, seed=seed)
     return run
@@ -242,19 +257,6 @@ def _check_arguments(
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if init_backbone is not None and finetune is not None:
         raise ValueError("give either init_backbone or finetune, not both")
-
-
-def _training_device(cfg: ATSSConfig, device: str | torch.device | None, *, amp: bool) -> torch.device:
-    """:func:`~atssdet.distributed.resolve_device`, refusing what cannot train there (AMP, SyncBN on CPU)."""
-    dev = distributed.resolve_device(device)
-    if amp and dev.type != "cuda":
-        raise ValueError(f"--amp needs a CUDA device (got {dev}); mixed precision on CPU is not supported")
-    if cfg.backbone_norm == "SyncBN" and distributed.get_world_size() > 1 and dev.type != "cuda":
-        raise ValueError(
-            "backbone_norm=SyncBN needs CUDA devices under DDP (torch's SyncBatchNorm has no CPU kernel); "
-            "use BN, GN or FrozenBN on CPU"
-        )
-    return dev
 
 
 def _check_bad_images(bad_total: int, limit: int, *, iteration: int) -> None:

@@ -1,5 +1,9 @@
 """One optimisation step: forward, :func:`atssdet.criterion.atss_loss`, the losses averaged over ranks,
-a stop on a non-finite loss, backward and the optimizer step (through the GradScaler under AMP)."""
+a stop on a non-finite loss, backward and the optimizer step (through the GradScaler under fp16 AMP).
+
+On a GPU the step reads device values on the host exactly once: the ``.tolist()`` of the averaged
+losses, which the log and the non-finite check need (``tests/test_device_guard.py`` holds it to that).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from atssdet.config import ATSSConfig
 from atssdet.criterion import LOSS_KEYS, atss_loss
 from atssdet.data.collate import DetectionBatch
 from atssdet.training.checkpoint import TrainingState
+from atssdet.training.device import DeviceOptions
 from atssdet.training.result import TrainingError
 
 
@@ -28,17 +33,15 @@ class StepResult:
 def _inputs(
     batch: DetectionBatch | None, device: torch.device
 ) -> tuple[Tensor, list[dict[str, Tensor]], list[int]]:
-    """``(images [N, 3, H, W], targets, image ids)`` on ``device``; for ``None`` (every image of this rank's
-    batch was unreadable) one blank 32 x 32 image without objects, so that DDP's collectives stay in step."""
+    """``(images [N, 3, H, W] on device, targets on the host, image ids)``. Targets stay where the loader
+    put them (pinned memory on CUDA): :func:`~atssdet.criterion.atss_loss` checks them on the host and
+    copies them over padded, in one go. For ``None`` (every image of this rank's batch was unreadable)
+    one blank 32 x 32 image without objects, so that DDP's collectives stay in step."""
     if batch is None:
-        empty = {
-            "boxes": torch.zeros((0, 4), device=device),
-            "labels": torch.zeros(0, dtype=torch.long, device=device),
-        }
+        empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.long)}
         return torch.zeros((1, 3, 32, 32), device=device), [empty], []
-    batch = batch.to(device, non_blocking=True)
     targets = [{"boxes": t.boxes, "labels": t.labels} for t in batch.targets]
-    return batch.images, targets, list(batch.image_ids)
+    return batch.images.to(device, non_blocking=True), targets, list(batch.image_ids)
 
 
 def train_step(
@@ -49,8 +52,7 @@ def train_step(
     run: TrainingState,
     *,
     iteration: int,
-    device: torch.device,
-    amp: bool,
+    opts: DeviceOptions,
     last_checkpoint: Path | None,
 ) -> StepResult:
     """Train on ``batch`` (this rank's part of 0-based ``iteration``; None: nothing readable, a zero-weight
@@ -60,9 +62,9 @@ def train_step(
     batch's image ids over all ranks) before any weight changes, and
     :class:`~atssdet.distributed.DistributedError` when a collective fails.
     """
-    images, targets, image_ids = _inputs(batch, device)
+    images, targets, image_ids = _inputs(batch, opts.device)
     try:
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        with opts.autocast():
             output = net(images)
         losses = atss_loss(output, targets, cfg)
         logged = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
@@ -70,7 +72,8 @@ def train_step(
             logged = torch.zeros_like(logged)
         stats = torch.cat([logged, torch.tensor([float(len(bad))], device=logged.device)])
         stats = distributed.all_reduce_sum(stats, what="all_reduce of the losses")
-        means = (stats[: len(LOSS_KEYS)] / distributed.get_world_size()).tolist()
+        # The step's one host read: mean losses (divided in float32, as logged before) and the bad count.
+        *means, num_bad = torch.cat([stats[:-1] / distributed.get_world_size(), stats[-1:]]).tolist()
         mean = dict(zip(LOSS_KEYS, means, strict=True))
         if not all(math.isfinite(v) for v in means):
             raise _non_finite(mean, image_ids, iteration=iteration, last_checkpoint=last_checkpoint)
@@ -83,7 +86,7 @@ def train_step(
         if isinstance(exc, TrainingError | distributed.DistributedError) or not distributed.is_distributed():
             raise
         raise distributed.collective_error(f"training step {iteration + 1}", exc) from exc
-    return StepResult(losses=mean, num_bad=int(round(float(stats[-1]))))
+    return StepResult(losses=mean, num_bad=int(round(num_bad)))
 
 
 def _non_finite(
