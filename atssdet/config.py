@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from atssdet import validate
+from atssdet.validate import MAX_IMAGE_SIDE
+
 COCO_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
     "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
@@ -29,13 +32,10 @@ COCO_CLASSES: tuple[str, ...] = (
 # The synthetic shapes dataset (atssdet.data.synth); category ids 1..6 in this order.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle", "star", "ring", "cross")
 
-# The largest image side any size field may ask for. Sizes arrive from files a user did not write
-# (checkpoint and ONNX metadata): test_image_short_size=100000 would make a 320x240 image allocate
-# ~22 GB, so every size is checked against these bounds when a config is built.
-MAX_IMAGE_SIDE = 8192
-
 # (low, high) for every integer field that sizes memory (an image side, a channel or class count, a
-# box count); tuple fields apply them to each entry. Checked in ATSSConfig.__post_init__.
+# box count); tuple fields apply them to each entry. Checked in ATSSConfig.__post_init__ (with
+# atssdet.validate, whose MAX_IMAGE_SIDE also bounds --short-size/--max-size): sizes arrive from files
+# a user did not write (checkpoint and ONNX metadata), so every config built is checked.
 SIZE_BOUNDS: dict[str, tuple[int, int]] = {
     "backbone_freeze_at": (0, 5),
     "fpn_in_channels": (1, 8192),
@@ -129,7 +129,8 @@ class ATSSConfig:
 
     def __post_init__(self) -> None:
         for name, (low, high) in SIZE_BOUNDS.items():
-            _check_size(name, getattr(self, name), low, high)
+            validate.integers_in(name, getattr(self, name), low, high)
+        validate.learning_rate("basic_lr", self.basic_lr)
         if len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
@@ -146,7 +147,10 @@ class ATSSConfig:
     def from_json(cls, text: str) -> ATSSConfig:
         """Read a config saved by :meth:`to_json` (checkpoint or export metadata), also by an older atssdet:
         fields in :data:`REMOVED_FIELDS` are dropped; any other unknown name raises ValueError."""
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("a saved ATSSConfig is nested too deeply to be a config") from None
         if not isinstance(raw, dict):
             raise ValueError(f"a saved ATSSConfig is a JSON object, got {type(raw).__name__}")
         return cls.from_dict({k: v for k, v in raw.items() if k not in REMOVED_FIELDS})
@@ -161,13 +165,6 @@ class ATSSConfig:
         for key, value in raw.items():
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
-
-
-def _check_size(name: str, value: Any, low: int, high: int) -> None:
-    """ValueError naming the field unless ``value`` (each entry of a tuple) is an integer in [low, high]."""
-    for v in value if isinstance(value, tuple) else (value,):
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-            raise ValueError(f"{name}={value!r}: expected integer(s) in [{low}, {high}]")
 
 
 # MegEngine ATSSConfig fields that nothing in atssdet read, removed so that ``--set`` of one is refused.
@@ -255,6 +252,8 @@ def parse_set_option(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise ValueError(f"--set {key}: value nested too deeply") from None
     return key, value
 
 

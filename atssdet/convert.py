@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from atssdet.config import ATSSConfig
+from atssdet.errors import torch_load_problem
 from atssdet.fileio import atomic_path
 from atssdet.safe_pickle import (
     CheckpointError,
@@ -197,7 +198,9 @@ def read_checkpoint_arrays(
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot load with weights_only=True: {exc}") from exc
+            raise CheckpointError(
+                f"{path}: cannot load with weights_only=True: {torch_load_problem(exc)}"
+            ) from exc
         for nested in ("model", "state_dict"):
             if isinstance(obj, Mapping) and isinstance(obj.get(nested), Mapping):
                 obj = obj[nested]

@@ -16,8 +16,11 @@ batch adds (and GroupNorm in the head averages over it), so images are only batc
 the same padded (/32) input size; each batch is exactly what each image would see alone.
 Results are returned in input order.
 
-Unreadable inputs do not stop a batch job: each yields a :class:`~atssdet.structures.Detections`
-with ``error`` set (naming the file) and no boxes, and a warning is logged.
+One input never takes the others down: an input that cannot be read or resized, or whose forward
+pass runs out of memory, yields a :class:`~atssdet.structures.Detections` with ``error`` set
+(naming the input) and no boxes, a warning is logged, and the other images go on (a batch that
+runs out of memory is retried one image at a time). Sizes, batch size and device are checked by
+:mod:`atssdet.validate` before any model loads.
 
 The model runs behind a :class:`~atssdet.runtime.Runner` (PyTorch or ONNX Runtime); the Detector
 never asks which. Test-time options are one :class:`~atssdet.options.InferenceOptions`.
@@ -36,10 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from atssdet import validate
 from atssdet.batching import group_by_padded_size, padded_size
-from atssdet.data.image_io import ImageReadError, read_image
+from atssdet.data.image_io import read_image
 from atssdet.data.transforms import images_to_batch, resize_shortest_edge
-from atssdet.options import InferenceOptions, OptionError
+from atssdet.errors import ImageReadError, OptionError, cv2_message, describe_memory_error, is_memory_error
+from atssdet.options import InferenceOptions
 from atssdet.runtime.torch_runner import TorchRunner, select_with_options
 from atssdet.structures import Detections
 
@@ -101,8 +106,12 @@ class Detector:
                 )
         self.cfg: ATSSConfig = self.runner.cfg
         self.device: torch.device = self.runner.device
-        self.short_size = int(short_size if short_size is not None else self.cfg.test_image_short_size)
-        self.max_size = int(max_size if max_size is not None else self.cfg.test_image_max_size)
+        self.short_size = validate.image_side(
+            "short_size", short_size if short_size is not None else self.cfg.test_image_short_size
+        )
+        self.max_size = validate.image_side(
+            "max_size", max_size if max_size is not None else self.cfg.test_image_max_size
+        )
         self.options = InferenceOptions.from_config(self.cfg)
         self.weights: str | None = None  # where the weights came from, for reports
 
@@ -123,6 +132,7 @@ class Detector:
         """
         from atssdet.loader import load_runner
 
+        validate.check_values(short_size=short_size, max_size=max_size, device=device)  # before loading
         overrides = None if numerics is None else {"numerics": numerics}
         det = cls(
             load_runner(name, overrides=overrides, device=device), short_size=short_size, max_size=max_size
@@ -150,6 +160,7 @@ class Detector:
         """
         from atssdet.loader import load_runner
 
+        validate.check_values(short_size=short_size, max_size=max_size, device=device)  # before loading
         overrides = None if numerics is None else {"numerics": numerics}
         runner = load_runner(model, weights=path, overrides=overrides, device=device)
         det = cls(runner, short_size=short_size, max_size=max_size)
@@ -202,10 +213,9 @@ class Detector:
         Boxes etc. are CPU tensors. ``batch_size`` (images per forward pass) defaults to
         :meth:`default_batch_size`.
         """
-        if batch_size is None:
-            batch_size = self.default_batch_size()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = validate.count(
+            "batch_size", self.default_batch_size() if batch_size is None else batch_size
+        )
         opts = self._checked(options)
         # Images wait in per-size buckets until one is full; results are released in input order.
         max_pending = 4 * batch_size
@@ -242,17 +252,21 @@ class Detector:
         orig_hw: Sequence[tuple[int, int]],
         *,
         options: InferenceOptions | None = None,
+        sources: Sequence[str] | None = None,
     ) -> list[Detections]:
         """Detections for images already resized by :func:`~atssdet.data.transforms.resize_shortest_edge`.
 
         ``resized``: BGR uint8 ``[h_i, w_i, 3]``; ``orig_hw``: the original ``(H_i, W_i)`` that boxes
         are mapped back to. Images run in batches of equal padded size (each as if alone); for
         pipelines that resize in loader threads (evaluation). ``options`` as in :meth:`iter_predict`.
+        ``sources`` name the images in results and errors (default ``"<image i>"``); an image whose
+        forward pass runs out of memory gets an error result, as in :meth:`iter_predict`.
         """
         opts = self._checked(options)
+        names = list(sources) if sources is not None else [f"<image {i}>" for i in range(len(resized))]
         items = [
-            _Pending(i, f"<image {i}>", None, r, False, (int(hw[0]), int(hw[1])))
-            for i, (r, hw) in enumerate(zip(resized, orig_hw, strict=True))
+            _Pending(i, name, None, r, False, (int(hw[0]), int(hw[1])))
+            for i, (name, r, hw) in enumerate(zip(names, resized, orig_hw, strict=True))
         ]
         done: dict[int, Detections] = {}
         for group in group_by_padded_size([it.resized.shape[:2] for it in items]):
@@ -287,7 +301,12 @@ class Detector:
                 image = read_image(source)
             except ImageReadError as exc:
                 return self._error_result(source, str(exc))
-        resized = resize_shortest_edge(image, self.short_size, self.max_size)
+        try:
+            resized = resize_shortest_edge(image, self.short_size, self.max_size)
+        except (cv2.error, MemoryError, ValueError) as exc:  # this image alone: the others go on
+            problem = describe_memory_error(exc) if is_memory_error(exc) else cv2_message(exc)
+            h, w = image.shape[:2]
+            return self._error_result(source, f"{source}: cannot resize the {w}x{h} image: {problem}")
         return _Pending(index, source, image, resized, keep_image, (int(image.shape[0]), int(image.shape[1])))
 
     def _error_result(self, source: str, message: str) -> Detections:
@@ -302,6 +321,26 @@ class Detector:
         )
 
     def _run(self, items: list[_Pending], options: InferenceOptions) -> dict[int, Detections]:
+        """:meth:`_run_batch`; when it runs out of memory, each image again alone, and an image that
+        still does becomes an error result (other errors concern every image and propagate)."""
+        try:
+            return self._run_batch(items, options)
+        except Exception as exc:
+            if not is_memory_error(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(items) > 1:
+                out: dict[int, Detections] = {}
+                for it in items:
+                    out.update(self._run([it], options))
+                return out
+            it = items[0]
+            h, w = it.resized.shape[:2]
+            message = f"{it.source}: {describe_memory_error(exc)} running the model on its {w}x{h} input"
+            return {it.index: self._error_result(it.source, message)}
+
+    def _run_batch(self, items: list[_Pending], options: InferenceOptions) -> dict[int, Detections]:
         """Detect on images that share a padded size: one forward pass (two with flip TTA)."""
         image_hw = torch.tensor([it.resized.shape[:2] for it in items], dtype=torch.float32)
         orig_hw = torch.tensor([it.orig_hw for it in items], dtype=torch.float32)

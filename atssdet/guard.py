@@ -25,10 +25,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atssdet.errors import AtssdetError
 from atssdet.fileio import written_by
 
 
-class OutputError(ValueError):
+class OutputError(AtssdetError):
     """A planned output the command must not write; the message names each path and why."""
 
 

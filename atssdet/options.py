@@ -10,25 +10,15 @@ those names. No torch import here, so the CLI can validate flags before loading 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from atssdet import validate
+from atssdet.errors import OptionError
+
 if TYPE_CHECKING:
     from atssdet.config import ATSSConfig
-
-
-class OptionError(ValueError):
-    """An inference option out of range; the message names the option and the value."""
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise OptionError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise OptionError(f"{name} must be a finite number in [0, 1], got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -53,11 +43,9 @@ class InferenceOptions:
     flip_tta: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "score_threshold", _check_fraction("score_threshold", self.score_threshold))
-        object.__setattr__(self, "nms_threshold", _check_fraction("nms_threshold", self.nms_threshold))
-        md = self.max_detections
-        if isinstance(md, bool) or not isinstance(md, int) or md < 1:
-            raise OptionError(f"max_detections must be an integer >= 1, got {md!r}")
+        for name in ("score_threshold", "nms_threshold"):
+            object.__setattr__(self, name, validate.fraction(name, getattr(self, name)))
+        validate.count("max_detections", self.max_detections)
         for name in ("class_agnostic", "flip_tta"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,13 @@ def snapshot_files(folder: str | os.PathLike[str]) -> dict[str, str]:
             with open(p, "rb") as f:
                 out[str(p.relative_to(root))] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
+
+
+def tiff_header(width: int, height: int) -> bytes:
+    """A little-endian TIFF (no pixel data) whose IFD declares ``width x height`` grey pixels."""
+    tags = [(256, width), (257, height), (258, 8), (259, 1), (262, 1), (273, 8), (277, 1), (278, height)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, 4, 1, v) for t, v in tags)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
 
 
 def assert_dets_match(

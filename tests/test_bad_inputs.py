@@ -32,6 +32,7 @@ from atssdet.data.coco import COCODetection, DatasetError
 from atssdet.data.image_io import MAX_PIXELS_ENV, ImageReadError, read_image
 from atssdet.modeling.atss import build_model
 from tests.coco_synth import TINY_CFG
+from tests.helpers import tiff_header
 
 RNG = np.random.default_rng(0)
 PICTURE = RNG.integers(0, 255, (24, 32, 3), dtype=np.uint8)
@@ -87,6 +88,19 @@ def _image_missing(tmp: Path) -> Setup:
     return Setup(lambda: read_image(tmp / "gone.png"), [str(tmp / "gone.png"), "No such file"])
 
 
+def _image_fifo(tmp: Path) -> Setup:
+    os.mkfifo(tmp / "pipe.png")  # read_image must not block waiting for a writer
+    return Setup(
+        lambda: read_image(tmp / "pipe.png"), [str(tmp / "pipe.png"), "not a regular file but a FIFO"]
+    )
+
+
+def _image_symlink_loop(tmp: Path) -> Setup:
+    os.symlink(tmp / "b.png", tmp / "a.png")
+    os.symlink(tmp / "a.png", tmp / "b.png")
+    return Setup(lambda: read_image(tmp / "a.png"), [str(tmp / "a.png"), "symbolic links (a symlink loop)"])
+
+
 def _image_env_limit(tmp: Path) -> Setup:
     path = _write(tmp / "big.png", _png_bytes())
 
@@ -121,6 +135,12 @@ IMAGE_CASES: dict[str, tuple[Callable[[Path], Setup], type[Exception]]] = {
         ImageReadError,
     ),
     "image-pixel-limit-from-env": (_image_env_limit, ImageReadError),
+    "image-fifo": (_image_fifo, ImageReadError),
+    "image-symlink-loop": (_image_symlink_loop, ImageReadError),
+    "image-bomb-beyond-pillow-limit": (  # Pillow refuses to open it; the real size is still reported
+        _image_case("huge.tif", tiff_header(15000, 15000), "15000x15000 = 225000000 pixels"),
+        ImageReadError,
+    ),
     "image-is-a-directory": (_image_directory, ImageReadError),
     "image-missing": (_image_missing, ImageReadError),
 }

@@ -25,6 +25,7 @@ import torch
 
 import atssdet.assign as assign_mod
 import atssdet.modeling.atss as atss_mod
+import atssdet.validate as validate_mod
 from atssdet.config import PRESETS, with_overrides
 from atssdet.criterion import LOSS_KEYS, atss_loss
 from atssdet.data.collate import collate_detection
@@ -36,6 +37,14 @@ from atssdet.training.device import DeviceOptions, device_options
 from atssdet.training.step import train_step
 from tests.conftest import R18
 from tests.device_guard import DEVICE, DeviceGuard, DeviceMixError, DeviceTensor, HostSyncError, host
+
+
+@pytest.fixture(autouse=True)
+def _accept_the_simulated_device(monkeypatch):
+    """atssdet's value check refuses ``meta`` as a user's --device; here it stands for the accelerator."""
+    real = validate_mod.device
+    monkeypatch.setattr(validate_mod, "device", lambda value: value if value == DEVICE else real(value))
+
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

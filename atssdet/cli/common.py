@@ -11,13 +11,29 @@ SubParsers = argparse._SubParsersAction
 
 
 def add_command(sub: SubParsers, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
-    """A sub-command whose omitted flags stay out of the namespace (the library's defaults apply)."""
-    return sub.add_parser(name, help=help, description=description, argument_default=argparse.SUPPRESS)
+    """A sub-command whose omitted flags stay out of the namespace (the library's defaults apply).
+
+    It takes the global ``--debug`` flag too (``atssdet --debug CMD`` and ``atssdet CMD --debug``)."""
+    p = sub.add_parser(name, help=help, description=description, argument_default=argparse.SUPPRESS)
+    add_debug_flag(p)
+    return p
+
+
+def add_debug_flag(p: argparse.ArgumentParser, *, default: Any = argparse.SUPPRESS) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="on an error, also print the Python traceback (a bug prints it always)",
+    )
 
 
 def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    """``{name: value}`` for the flags among ``names`` that were given on the command line."""
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+    """``{name: value}`` for the flags among ``names`` that were given on the command line, each
+    checked by :func:`atssdet.validate.check_values` (a bad value raises OptionError naming it)."""
+    from atssdet.validate import check_values
+
+    return check_values(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 
 
 def add_model_flags(

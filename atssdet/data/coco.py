@@ -19,6 +19,11 @@ float32 is treated as degenerate too, because it can never be assigned a point.
 
 The file is read and validated by :mod:`atssdet.data.coco_schema` (the rules ``data check`` and
 ``eval`` apply too); this module only turns the valid boxes into per-image training targets.
+
+Every failure of one item (its image unreadable, of another size than the JSON says, or its
+transform failing or running out of memory) raises :class:`~atssdet.data.image_io.ImageReadError`
+or :class:`~atssdet.data.coco_records.DatasetError` naming the file, which the training loader's
+``skip_unreadable`` path counts and skips (:mod:`atssdet.data.loader`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypedDict
 
+import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
 from atssdet.data.coco_records import AnnotationTable, DatasetError, ImageRecord
 from atssdet.data.coco_schema import load_coco_file
 from atssdet.data.image_io import read_image
+from atssdet.errors import cv2_message, describe_memory_error, is_memory_error
 
 
 class DetectionTarget(TypedDict):
@@ -157,7 +164,14 @@ class COCODetection(Dataset):
             )
         boxes, labels = self.annotations(index)
         if self.transform is not None:
-            image, boxes = self.transform(image, boxes, rng)
+            try:
+                image, boxes = self.transform(image, boxes, rng)
+            except (cv2.error, MemoryError, ValueError) as exc:  # this item alone: the loader skips it
+                problem = describe_memory_error(exc) if is_memory_error(exc) else cv2_message(exc)
+                raise DatasetError(
+                    f"{path}: cannot transform the {info.width}x{info.height} image (id {info.image_id}): "
+                    f"{problem}"
+                ) from exc
         target: DetectionTarget = {
             "boxes": boxes.astype(np.float32, copy=False),
             "labels": labels,

@@ -11,19 +11,25 @@ is applied. Three cases differ on purpose and raise :class:`ImageReadError` inst
   of PNG can declare a 50000 x 50000 image). The default is :data:`DEFAULT_MAX_PIXELS`
   (100 megapixels, 300 MB once decoded); the ``ATSSDET_MAX_IMAGE_PIXELS`` environment variable or
   the ``max_pixels=`` argument change it. The size is read from the header before decoding;
-* an empty file, a file that is not an image, or data OpenCV cannot decode.
+* an empty file, a file that is not an image, or data OpenCV cannot decode;
+* a path that is not a regular file (a folder, a FIFO, a device): ``cv2.imread`` would block on a
+  FIFO with no writer, or read a device forever.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import struct
 import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from atssdet.errors import ImageReadError, cv2_message
 
 DEFAULT_MAX_PIXELS = 100_000_000
 MAX_PIXELS_ENV = "ATSSDET_MAX_IMAGE_PIXELS"
@@ -53,10 +59,6 @@ IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"P7", "PAM"),
     (b"\x59\xa6\x6a\x95", "Sun raster"),
 )
-
-
-class ImageReadError(ValueError):
-    """An image that cannot be decoded; the message names the file and the reason."""
 
 
 def max_image_pixels() -> int:
@@ -126,11 +128,32 @@ def _other_size(data: bytes) -> tuple[int, int] | None:
         try:
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
-        except Image.DecompressionBombError:
-            return (1 << 31), (1 << 31)  # far above any limit; Pillow refused to even open it
+        except Image.DecompressionBombError:  # above Pillow's own limit: read the header anyway
+            return _pillow_size_unchecked(data)
         except Exception:  # unknown to Pillow: OpenCV's own 2^30-pixel limit still applies
             return None
     return height, width
+
+
+def _pillow_size_unchecked(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from the header through Pillow's format plugins, without the
+    decompression-bomb check of ``Image.open`` (which hides the real size of a 15000 x 15000 TIFF)."""
+    from PIL import Image
+
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            accepted = accept(prefix) if accept is not None else True
+            if isinstance(accepted, str) or not accepted:
+                continue
+            with factory(io.BytesIO(data), "") as im:
+                width, height = im.size
+        except Exception:  # noqa: S112 - not this format: try the next plugin
+            continue
+        return height, width
+    return None
 
 
 def image_size_from_header(data: bytes) -> tuple[int, int] | None:
@@ -183,8 +206,11 @@ def decode_image(data: bytes, *, source: str = "<bytes>", max_pixels: int | None
         )
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except MemoryError as exc:
+        shown = f" {size[1]}x{size[0]}" if size is not None else ""
+        raise ImageReadError(f"{source}: not enough memory to decode the{shown} {fmt or ''} image") from exc
     except cv2.error as exc:
-        raise ImageReadError(f"{source}: OpenCV cannot decode it: {str(exc).strip()}") from exc
+        raise ImageReadError(f"{source}: OpenCV cannot decode it: {cv2_message(exc)}") from exc
     if image is None:
         if fmt is None:
             head = data[:8]
@@ -206,7 +232,35 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
     """Read ``path`` into BGR uint8 ``[H, W, 3]``; raises :class:`ImageReadError` naming the file."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = _read_regular_file(path)
     except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        hint = " (a symlink loop)" if exc.errno == errno.ELOOP else ""
+        raise ImageReadError(f"{path}: cannot read: {exc.strerror or exc}{hint}") from exc
+    except MemoryError as exc:
+        raise ImageReadError(f"{path}: not enough memory to read the file") from exc
     return decode_image(data, source=str(path), max_pixels=max_pixels)
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path``, refusing anything but a regular file without blocking: the file is
+    opened non-blocking (a FIFO without a writer would wait forever) and checked after opening."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise ImageReadError(f"{path}: cannot read: not a regular file but {kind}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)

@@ -11,13 +11,17 @@ from torch import Tensor
 
 
 def get_hw_by_short_size(im_height: int, im_width: int, short_size: int, max_size: int) -> tuple[int, int]:
-    """Resized (h, w): scale = short/min side, capped so the long side <= max; Python ``round`` (halves to even)."""
+    """Resized (h, w): scale = short/min side, capped so the long side <= max; Python ``round`` (halves to even).
+
+    Each side is at least 1 px: an extreme aspect ratio (a 1 x 10000 image capped to a 1333 long
+    side) would otherwise round its short side to 0, which MegEngine's rule does and OpenCV refuses.
+    """
     im_size_min = min(im_height, im_width)
     im_size_max = max(im_height, im_width)
     scale = (short_size + 0.0) / im_size_min
     if scale * im_size_max > max_size:
         scale = (max_size + 0.0) / im_size_max
-    return int(round(im_height * scale)), int(round(im_width * scale))
+    return max(1, int(round(im_height * scale))), max(1, int(round(im_width * scale)))
 
 
 def resize_shortest_edge(image: np.ndarray, short_size: int, max_size: int) -> np.ndarray:
@@ -58,8 +62,9 @@ def get_train_hw_by_short_size(
 
     The short side becomes ``short_size`` and the other side ``scale * side``; when the long side
     exceeds ``max_size`` both are multiplied by ``max_size / long``; then Python ``round`` (halves
-    to even). This equals :func:`get_hw_by_short_size` except at rare float ties when the long side
-    is capped (about 1 in 10,000 size pairs, +-1 px), so training uses this one for parity.
+    to even), each side at least 1 px (as :func:`get_hw_by_short_size`). This equals
+    :func:`get_hw_by_short_size` except at rare float ties when the long side is capped (about 1 in
+    10,000 size pairs, +-1 px), so training uses this one for parity.
     """
     scale = short_size / min(im_height, im_width)
     th: float
@@ -71,7 +76,7 @@ def get_train_hw_by_short_size(
     if max(th, tw) > max_size:
         cap = max_size / max(th, tw)
         th, tw = th * cap, tw * cap
-    return int(round(th)), int(round(tw))
+    return max(1, int(round(th))), max(1, int(round(tw)))
 
 
 def choose_short_size(short_sizes: Sequence[int], rng: np.random.Generator) -> int:

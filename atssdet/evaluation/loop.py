@@ -29,10 +29,10 @@ import torch
 from pycocotools.coco import COCO
 from torch import nn
 
-from atssdet import distributed
+from atssdet import distributed, validate
 from atssdet.batching import group_by_padded_size
 from atssdet.config import ATSSConfig
-from atssdet.data.coco_records import CocoFile, ImageRecord
+from atssdet.data.coco_records import CocoFile, DatasetError, ImageRecord
 from atssdet.detector import Detector
 from atssdet.evaluation.coco import (
     STAT_NAMES,
@@ -51,8 +51,9 @@ from atssdet.structures import Detections
 # pixels of the image it was given, labels 0..C-1.
 DetectFn = Callable[[list[np.ndarray]], list[Detections]]
 
-# detect(images as preprocessed, original (h, w) of each) -> Detections in original pixels
-_Detect = Callable[[list[np.ndarray], list[tuple[int, int]]], list[Detections]]
+# detect(images as preprocessed, original (h, w) of each, their file names) -> Detections in original
+# pixels (a Detections with ``error`` set: that image failed alone)
+_Detect = Callable[[list[np.ndarray], list[tuple[int, int]], list[str]], list[Detections]]
 _Resize = Callable[[np.ndarray], np.ndarray]
 _HW = Callable[[int, int], tuple[int, int]]
 
@@ -78,8 +79,8 @@ class ModelRunner:
     ) -> None:
         if isinstance(model, Detector):  # e.g. an exported .onnx file run by ONNX Runtime
             self.detector = copy.copy(model)
-            self.detector.short_size = short_size or model.short_size
-            self.detector.max_size = max_size or model.max_size
+            self.detector.short_size = short_size if short_size is not None else model.short_size
+            self.detector.max_size = max_size if max_size is not None else model.max_size
         else:
             core = _unwrap(model)
             _config_of(core)
@@ -100,9 +101,12 @@ class ModelRunner:
 
         return get_hw_by_short_size(height, width, self.detector.short_size, self.detector.max_size)
 
-    def run(self, resized: list[np.ndarray], orig_hw: list[tuple[int, int]]) -> list[Detections]:
-        """One :class:`Detections` per resized image, boxes in original ``(height, width)`` pixels."""
-        return self.detector.detect_resized(resized, orig_hw, options=self.options)
+    def run(
+        self, resized: list[np.ndarray], orig_hw: list[tuple[int, int]], sources: list[str] | None = None
+    ) -> list[Detections]:
+        """One :class:`Detections` per resized image, boxes in original ``(height, width)`` pixels; an
+        image whose forward pass runs out of memory gets an error result naming its ``sources`` entry."""
+        return self.detector.detect_resized(resized, orig_hw, options=self.options, sources=sources)
 
 
 def _config_of(model: nn.Module) -> ATSSConfig:
@@ -144,7 +148,7 @@ def _pipeline(
     """The pipeline of a module (moved to ``device``, default its own; set to eval), a Detector or a callable."""
     if not isinstance(model, Detector | nn.Module):
         fn = model
-        return _Pipeline(detect=lambda images, orig_hw: fn(images))
+        return _Pipeline(detect=lambda images, orig_hw, sources: fn(images))
     # A Detector (e.g. an exported .onnx file) runs as it is; a module is moved and set to eval.
     core = None if isinstance(model, Detector) else _unwrap(model)
     num_classes = _config_of(core).num_classes if core is not None else cast(Detector, model).cfg.num_classes
@@ -152,7 +156,7 @@ def _pipeline(
         raise ValueError(
             f"{source}: has {num_categories} categories but the model predicts {num_classes} classes"
         )
-    pipeline = _Pipeline(detect=lambda images, orig_hw: [], core=core)
+    pipeline = _Pipeline(detect=lambda images, orig_hw, sources: [], core=core)
     dev = None
     if core is not None:
         dev = torch.device(device) if device is not None else next(core.parameters()).device
@@ -178,15 +182,28 @@ _Loaded = tuple[ImageRecord, "np.ndarray | None", "tuple[int, int] | None", "str
 
 
 def _read(entry: ImageRecord, image_dir: Path, preprocess: _Resize | None) -> _Loaded:
-    """(entry, preprocessed image, original (h, w), None) or (entry, None, None, error message)."""
-    from atssdet.data.image_io import ImageReadError, read_image
+    """(entry, preprocessed image, original (h, w), None) or (entry, None, None, error message): an
+    image that cannot be read or resized (or runs out of memory doing so) fails alone."""
+    import cv2
 
+    from atssdet.data.image_io import read_image
+    from atssdet.errors import cv2_message, describe_memory_error, is_memory_error
+
+    path = image_dir / entry.file_name
     try:
-        image = read_image(image_dir / entry.file_name)
-    except ImageReadError as exc:
+        image = read_image(path)
+    except ValueError as exc:  # ImageReadError
         return entry, None, None, str(exc)
+    except MemoryError as exc:
+        return entry, None, None, f"{path}: {describe_memory_error(exc)} reading it"
     hw = (int(image.shape[0]), int(image.shape[1]))
-    return entry, (preprocess(image) if preprocess is not None else image), hw, None
+    if preprocess is None:
+        return entry, image, hw, None
+    try:
+        return entry, preprocess(image), hw, None
+    except (cv2.error, MemoryError, ValueError) as exc:
+        problem = describe_memory_error(exc) if is_memory_error(exc) else cv2_message(exc)
+        return entry, None, None, f"{path}: cannot resize the {hw[1]}x{hw[0]} image: {problem}"
 
 
 def _plan_batches(
@@ -257,9 +274,15 @@ def _run_shard(
                 )
             ok.append((entry, image, hw))
         if ok:
-            dets = pipeline.detect([im for _, im, _ in ok], [hw for _, _, hw in ok])
-            ids = [e.image_id for e, _, _ in ok]
-            out.results.extend(detections_to_coco(dets, ids, cat_ids))
+            names = [str(image_root / e.file_name) for e, _, _ in ok]
+            dets = pipeline.detect([im for _, im, _ in ok], [hw for _, _, hw in ok], names)
+            for d in dets:
+                if not d.ok:  # e.g. out of memory on this image alone: the others are kept
+                    out.failures.append(str(d.error))
+                    warn(f"skipping image: {d.error}")
+            done = [(e, d) for (e, _, _), d in zip(ok, dets, strict=True) if d.ok]
+            ids = [e.image_id for e, _ in done]
+            out.results.extend(detections_to_coco([d for _, d in done], ids, cat_ids))
             out.done_ids.extend(ids)
         if bar is not None:  # other ranks progress at about the same pace
             bar.update(min(len(batch) * world, total - bar.n))
@@ -297,14 +320,20 @@ def evaluate(
     In a joined process group the images are sharded across ranks and the detections gathered, so
     each image is counted once; call it on every rank (each gets the report).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    validate.check_values(
+        batch_size=batch_size,
+        short_size=short_size,
+        max_size=max_size,
+        num_workers=num_workers,
+        device=device,
+    )
     data = read_ground_truth(ann_file)
     cat_ids = sorted(data.categories)
     entries = data.sorted_images()
     image_root = Path(image_dir)
     if not image_root.is_dir():
-        raise FileNotFoundError(f"{image_root}: image folder not found")
+        what = "is not a folder" if image_root.exists() else "image folder not found"
+        raise FileNotFoundError(f"{image_root}: {what}")
     main = distributed.is_main_process()
     pipeline = _pipeline(
         model,
@@ -340,7 +369,15 @@ def evaluate(
     gathered = distributed.all_gather_object((_pack_results(mine.results), mine.done_ids, mine.failures))
     report: EvalReport | None = None
     if main:
-        report, results = _score(data, gathered, len(entries))
+        try:
+            report, results = _score(data, gathered, len(entries))
+        except Exception as exc:  # an assertion or lookup inside pycocotools: it refused the data
+            from atssdet.errors import raised_in
+
+            if not raised_in(exc, "pycocotools"):
+                raise
+            name = ann_file if not isinstance(ann_file, COCO) else "the ground truth"
+            raise DatasetError(f"{name}: pycocotools cannot score it: {type(exc).__name__} {exc}") from exc
         if out is not None:
             source = str(ann_file) if not isinstance(ann_file, COCO) else None
             write_eval_files(

@@ -4,7 +4,8 @@ The file's metadata (written by :func:`atssdet.export.export_metadata`) carries 
 the class names and the options used at export. A file exported with ``--with-nms`` has those
 options baked into its graph: :meth:`OrtRunner.detect` accepts exactly them and refuses others, and
 it has no dense outputs (so no flip TTA). onnx and onnxruntime are optional dependencies, imported
-only when a file is opened.
+only when a file is opened. A file that is not ONNX, lacks atssdet's metadata, or whose graph does
+not take atssdet's inputs raises :class:`~atssdet.errors.ModelFileError` naming it.
 """
 
 from __future__ import annotations
@@ -21,12 +22,29 @@ import torch
 from torch import Tensor
 
 from atssdet.config import ATSSConfig
-from atssdet.export import METADATA_PREFIX, _require
+from atssdet.errors import ModelFileError, is_memory_error, is_onnx_error
+from atssdet.export import DENSE_OUTPUT_NAMES, INPUT_NAMES, METADATA_PREFIX, NMS_OUTPUT_NAMES, _require
 from atssdet.options import InferenceOptions
 from atssdet.runtime.torch_runner import select_with_options
 from atssdet.structures import Detections
 
 Spec = tuple[tuple[str, str, tuple[int | str, ...]], ...]
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _load_proto(path: str | os.PathLike[str]) -> Any:
+    """The parsed ``onnx.ModelProto`` of ``path``; :class:`ModelFileError` if it is not ONNX."""
+    onnx = _require("onnx")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as exc:  # protobuf DecodeError, onnx's own errors
+        raise ModelFileError(f"{path}: not a valid ONNX file ({_short(exc)})") from exc
 
 
 @dataclass(frozen=True)
@@ -46,7 +64,7 @@ class OnnxSignature:
 def onnx_signature(path: str | os.PathLike[str]) -> OnnxSignature:
     """Read the input/output signature of an ONNX file (element types as ONNX names, e.g. FLOAT)."""
     onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = _load_proto(path)
 
     def rows(values: Sequence[Any]) -> Spec:
         out = []
@@ -61,8 +79,7 @@ def onnx_signature(path: str | os.PathLike[str]) -> OnnxSignature:
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``atssdet.*`` metadata of an exported file, without the prefix."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = _load_proto(path)
     return {
         p.key[len(METADATA_PREFIX) :]: p.value
         for p in proto.metadata_props
@@ -114,19 +131,38 @@ class OrtRunner:
                 "Detector / predict --weights"
             )
         self.metadata = meta
-        self.cfg: ATSSConfig = ATSSConfig.from_json(meta["config"])
-        self.class_names: tuple[str, ...] = tuple(json.loads(meta["class_names"]))
-        self.with_nms = meta["outputs"] == "nms"
-        self.baked = InferenceOptions(
-            score_threshold=float(meta["score_threshold"]),
-            nms_threshold=float(meta["nms_threshold"]),
-            max_detections=int(meta["max_detections"]),
-            class_agnostic=bool(json.loads(meta["class_agnostic"])),
-        )
+        try:
+            self.cfg: ATSSConfig = ATSSConfig.from_json(meta["config"])
+            self.class_names: tuple[str, ...] = tuple(json.loads(meta["class_names"]))
+            self.with_nms = meta["outputs"] == "nms"
+            self.baked = InferenceOptions(
+                score_threshold=float(meta["score_threshold"]),
+                nms_threshold=float(meta["nms_threshold"]),
+                max_detections=int(meta["max_detections"]),
+                class_agnostic=bool(json.loads(meta["class_agnostic"])),
+            )
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            raise ModelFileError(f"{self.path}: invalid atssdet metadata ({_short(exc)})") from exc
         self.providers = _providers(None if device is None else str(device), ort.get_available_providers())
         self.device = torch.device("cpu")
-        self.session = ort.InferenceSession(str(self.path), providers=self.providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=self.providers)
+        except Exception as exc:
+            if not is_onnx_error(exc):
+                raise
+            raise ModelFileError(f"{self.path}: ONNX Runtime cannot load the graph ({_short(exc)})") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._check_graph_names()
+
+    def _check_graph_names(self) -> None:
+        """The graph's inputs and outputs must be those ``atssdet export`` writes (else ModelFileError)."""
+        inputs = [i.name for i in self.session.get_inputs()]
+        want_out = NMS_OUTPUT_NAMES if self.with_nms else DENSE_OUTPUT_NAMES
+        if sorted(inputs) != sorted(INPUT_NAMES) or not set(want_out) <= set(self.output_names):
+            raise ModelFileError(
+                f"{self.path}: the graph's inputs {inputs} / outputs {self.output_names} are not those of an "
+                f"atssdet export (inputs {list(INPUT_NAMES)}, outputs {list(want_out)})"
+            )
 
     def signature(self) -> OnnxSignature:
         return onnx_signature(self.path)
@@ -145,7 +181,15 @@ class OrtRunner:
             if arr.shape != (n, 2):
                 raise ValueError(f"{name} must be [{n}, 2] (height, width per image), got {tuple(arr.shape)}")
             feeds[name] = arr
-        outs = self.session.run(self.output_names, feeds)
+        try:
+            outs = self.session.run(self.output_names, feeds)
+        except Exception as exc:
+            if not is_onnx_error(exc) or is_memory_error(exc):  # out of memory: the caller retries per image
+                raise
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+            raise ModelFileError(
+                f"{self.path}: the graph does not accept the inputs ({shapes}): {_short(exc)}"
+            ) from exc
         return dict(zip(self.output_names, outs, strict=True))
 
     def dense(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from atssdet import validate
 from atssdet.distributed import resolve_device
 from atssdet.postprocess import dense_scores_and_boxes, select_detections
 from atssdet.structures import Detections
@@ -35,12 +36,13 @@ def select_with_options(scores: Tensor, boxes: Tensor, options: InferenceOptions
 class TorchRunner:
     """Runs ``model`` (moved to ``device`` and put in eval mode) in PyTorch.
 
-    ``device`` is resolved by :func:`atssdet.distributed.resolve_device` (None: CUDA when available,
-    else the CPU).
+    ``device`` is checked by :func:`atssdet.validate.device` (a device type atssdet runs on, available
+    here) and resolved by :func:`atssdet.distributed.resolve_device` (None: CUDA when available, else
+    the CPU).
     """
 
     def __init__(self, model: ATSS, *, device: str | torch.device | None = None) -> None:
-        self.device: torch.device = resolve_device(device)
+        self.device: torch.device = resolve_device(validate.device(device))
         self.model = model.to(self.device).eval()
         self.cfg: ATSSConfig = model.cfg
 

@@ -30,6 +30,7 @@ from torch import nn
 from atssdet import distributed
 from atssdet.config import ATSSConfig, training_differences
 from atssdet.convert import CheckpointError, save_safetensors
+from atssdet.errors import torch_load_problem
 from atssdet.fileio import atomic_link, atomic_path, temp_target
 from atssdet.training.schedule import learning_rate
 
@@ -89,9 +90,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path}: corrupt or truncated checkpoint: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {torch_load_problem(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an atssdet training checkpoint (written by atssdet.training)")
     missing = [k for k in ("iteration", "model", "optimizer", "config") if k not in state]

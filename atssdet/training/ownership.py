@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from atssdet import distributed
+from atssdet.errors import AtssdetError
 from atssdet.fileio import HeldLock, atomic_write_json, hold_lock, read_lock_info
 from atssdet.training.checkpoint import (
     FINAL_WEIGHTS_NAME,
@@ -69,7 +70,7 @@ def _holder() -> dict[str, Any]:
     }
 
 
-class RunFolderError(ValueError):
+class RunFolderError(AtssdetError):
     """The training folder belongs to another run (or is in use); the message says which and what to do."""
 
 
