@@ -67,11 +67,17 @@ class OutputGuard:
         for out in dict.fromkeys(Path(p) for p in outputs):
             ident = _file_id(out)
             if out.is_dir():
-                not_files.append(f"{out} is a folder")
+                not_files.append(f"{out}: is a folder, not a file")
             elif ident is not None and ident in inputs:
                 same_as_input.append(f"{out} (the input {input_names.get(ident, out)})")
             elif ident is None and (blocker := _file_above(out)) is not None:
-                not_files.append(f"{out} cannot be created: {blocker} is a file, not a folder")
+                # the output folder itself once; a file further up for each output below it
+                problem = (
+                    f"{blocker}: exists and is a file, not a folder"
+                    if blocker == out.parent
+                    else f"{out} cannot be created: {blocker} is a file, not a folder"
+                )
+                not_files += [problem] if problem not in not_files else []
             elif ident is not None and not self.overwrite and not self.owns(out):
                 foreign.append(str(out))
         problems = []

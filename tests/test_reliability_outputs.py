@@ -316,7 +316,7 @@ CASES = [
     Case("predict_names_every_collision", "outputs", predict_names_every_collision, 2,
          ("3 existing files not written by atssdet predict would be replaced: out/a.png, out/b.png, out/c.png",)),
     Case("predict_out_is_a_file", "outputs", predict_out_is_a_file, 2,
-         ("out.txt/a.png cannot be created: out.txt is a file, not a folder",)),
+         ("out.txt: exists and is a file, not a folder",)),
     Case("predict_after_the_user_edited_its_output", "outputs", predict_after_the_user_edited_its_output, 2,
          ("out/predictions.json", "not written by atssdet predict")),
     Case("data_check_json_over_its_input", "outputs", data_check_json_over_its_input, 2,
@@ -355,7 +355,7 @@ CASES = [
           "--resume auto", "--overwrite")),
     Case("train_while_another_run_holds_the_folder", "training", train_while_another_run_holds_the_folder, 2,
          ("run: another training run is using this folder: pid 4242 on gpu-node-7, started 2025-01-02T03:04:05",)),
-    Case("train_out_is_a_file", "training", train_out_is_a_file, 2, ("run: is a file, not a folder",)),
+    Case("train_out_is_a_file", "training", train_out_is_a_file, 2, ("run: exists and is a file, not a folder",)),
     Case("train_resume_auto_over_another_runs_files", "training", train_resume_auto_over_another_runs_files, 2,
          ("run: --resume auto found no usable checkpoint of its run, and the folder holds another training "
           "run's files (iter_00000010.pt, model_final.safetensors)", "--overwrite")),

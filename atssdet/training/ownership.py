@@ -233,7 +233,9 @@ def read_run_record(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def _claim(out: Path, *, resume: str | os.PathLike[str] | None, overwrite: bool) -> RunFolder:
     if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{out}: is a file, not a folder; give --out a folder for the training run")
+        raise RunFolderError(
+            f"{out}: exists and is a file, not a folder; give --out a folder for the training run"
+        )
     holder = _holder()
     lock = hold_lock(out / LOCK_NAME, holder)
     if lock is None:
