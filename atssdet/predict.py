@@ -271,6 +271,8 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str
                 add(str(entry))
         elif path.is_file():
             add(item)
+        elif os.path.lexists(item) and not glob.has_magic(item):
+            add(item)  # a FIFO, socket or broken/looping link: read_image names what is wrong with it
         elif glob.has_magic(item):
             matches = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:
