@@ -589,10 +589,8 @@ def i_mixed_batch(ctx: Ctx) -> Callable[[], Outcome]:
         for resp, key in ((cat, "cat.jpg"), (synth, "synth_600x900.png")):
             assert resp.status_code == 200, resp.text
             assert_dets_match(_as_array(resp.json()), ctx.fx["alone"][key])
-        # The strip is valid: it is served (every resized side >= 1 px) or fails alone, by name.
-        assert strip.status_code in (200, 500), strip.text
-        if strip.status_code == 500:
-            assert "thin.png" in strip.json()["error"] and "inference failed" in strip.json()["error"]
+        # The strip is valid: it is served (every resized side >= 1 px).
+        assert strip.status_code == 200, strip.text
         return answer(bad)
 
     return run
