@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import struct
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+
+def sigkill_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 300.0
+) -> None:
+    """SIGKILL ``proc`` (started with ``stderr=PIPE, text=True``) as soon as ``ready()`` holds; fail
+    naming ``what`` if it exits first or ``timeout`` seconds pass. Always reaps it and closes stderr."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, (
+                f"exited ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def snapshot_files(folder: str | os.PathLike[str]) -> dict[str, str]:

@@ -170,14 +170,13 @@ def test_demo_killed_during_training_continues_to_the_same_result(demo_run, tmp_
     and re-run continues from that checkpoint and ends with the uninterrupted run's metrics, model
     and history."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from atssdet.convert import load_safetensors
     from atssdet.demo import TRAIN_DIR
     from tests.conftest import REPO_ROOT
+    from tests.helpers import sigkill_when
 
     _, reference = demo_run
     out = tmp_path / "demo"
@@ -189,21 +188,8 @@ def test_demo_killed_during_training_continues_to_the_same_result(demo_run, tmp_
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     log = out / TRAIN_DIR / "train_log.jsonl"
-    try:
-        deadline = time.monotonic() + 300
-        while 4 not in _logged_iterations(log):  # iteration 4 done: the process stalls at the 5th
-            assert proc.poll() is None, f"demo exited ({proc.returncode}): {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "timed out waiting for iteration 4"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    # iteration 4 done: the process stalls at the 5th
+    sigkill_when(proc, lambda: 4 in _logged_iterations(log), "iteration 4")
     assert not (out / CHECKPOINT_NAME).exists() and (out / TRAIN_DIR / "iter_00000003.pt").is_file()
 
     again = run_cli(*args, env={"OMP_NUM_THREADS": "1"})

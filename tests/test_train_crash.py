@@ -5,33 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import sigkill_when
 from tests.test_train import TINY_OVERRIDES, loss_rows, make_dataset, run_tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"training exited ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_sigkill_during_checkpoint_write_then_resume_auto(tmp_path):
@@ -77,20 +63,10 @@ def test_sigkill_during_checkpoint_write_then_resume_auto(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        _wait_for(
-            lambda: any(out.glob(".iter_00000004.pt.*.tmp")), proc, "the checkpoint write of iteration 4"
-        )
-        # The temp file is fully written and fsynced; the rename has not happened yet.
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    # The temp file is fully written and fsynced when it appears; the rename has not happened yet.
+    sigkill_when(
+        proc, lambda: any(out.glob(".iter_00000004.pt.*.tmp")), "the checkpoint write of iteration 4"
+    )
 
     # The previous checkpoint is intact and the newest; last.pt still points at it.
     assert [p.name for p in list_checkpoints(out)] == ["iter_00000002.pt"]
