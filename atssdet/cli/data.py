@@ -1,8 +1,9 @@
-"""``atssdet data synth|check``: the synthetic shapes dataset and the dataset health check."""
+"""``atssdet data synth|check|convert``: the synthetic shapes dataset, the health check, format conversion."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from atssdet.cli.common import SubParsers, add_command, add_progress_flag, given
 
@@ -12,6 +13,20 @@ def add_parser(sub: SubParsers) -> None:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     _add_synth(data_sub)
     _add_check(data_sub)
+    _add_convert(data_sub)
+
+
+DATA_FORMATS = ("coco", "yolo", "voc", "cvat")  # atssdet.data.formats.FORMATS (not imported: --help is fast)
+
+
+def add_data_format_flag(p: argparse.ArgumentParser, flag: str = "--data-format") -> None:
+    """``--data-format coco|yolo|voc|cvat`` (default: detected from the file name or folder layout)."""
+    p.add_argument(
+        flag,
+        dest="data_format",
+        choices=DATA_FORMATS,
+        help="dataset format (default: detected: .json COCO, data.yaml YOLO, Annotations/ VOC, .xml CVAT)",
+    )
 
 
 def _add_synth(sub: SubParsers) -> None:
@@ -68,16 +83,24 @@ def _add_check(sub: SubParsers) -> None:
     p = add_command(
         sub,
         "check",
-        help="health check of a COCO-format annotation file and its images",
-        description="Report every problem of a COCO-format split (malformed entries, duplicate or unknown "
-        "ids, bad boxes, missing/unreadable images, size mismatches, crowd-only and empty images) with "
-        "counts and the first offending ids, plus the class balance. Exit status 1 if a fatal problem "
-        "is found (training refuses such a dataset), 0 otherwise.",
+        help="health check of a dataset split (COCO JSON, YOLO, VOC, CVAT) and its images",
+        description="Report every problem of a split (malformed entries or label lines, bad XML, class ids "
+        "out of range, duplicate or unknown ids, bad boxes, missing/unreadable images, size mismatches, "
+        "crowd-only and empty images) with counts and the first offending entries (file and line or "
+        "element for YOLO/VOC/CVAT), plus the class balance. Exit status 1 if a fatal problem is found "
+        "(training refuses such a dataset), 0 otherwise.",
     )
-    p.add_argument("ann_file", metavar="ANN_JSON", help="COCO instances JSON")
     p.add_argument(
-        "--images", default=None, help="image folder (file_name is relative to it); omitted: no file checks"
+        "ann_file", metavar="DATA", help="COCO instances JSON, YOLO data.yaml (or its folder), VOC root, CVAT XML"
     )
+    p.add_argument(
+        "--images",
+        default=None,
+        help="image folder (file_name is relative to it); omitted: no file checks for a COCO JSON, the "
+        "dataset's own folder otherwise",
+    )
+    add_data_format_flag(p)
+    p.add_argument("--split", default=None, help="split of a YOLO/VOC/COCO root (default: train)")
     p.add_argument(
         "--json", metavar="REPORT", default=None, help="also write the report as JSON to this path"
     )
@@ -109,8 +132,59 @@ def _run_check(args: argparse.Namespace) -> int:
     overwrite = getattr(args, "overwrite", False)
     if args.json:  # refused before the check runs
         report_guard(args.ann_file, overwrite=overwrite).check([args.json])
-    report = check_dataset(args.ann_file, args.images, **kwargs)
+    data, images = _check_input(args, kwargs.get("max_examples", 5))
+    report = check_dataset(data, images, **kwargs)
     print(report.format(**given(args, "max_examples")))
     if args.json:
         print(f"wrote {write_report_json(report, args.json, overwrite=overwrite)}")
     return 1 if report.fatal else 0
+
+
+def _check_input(args: argparse.Namespace, max_examples: int) -> tuple[Any, str | None]:
+    """(what check_dataset takes, image folder) of ``DATA``: a COCO JSON stays a path (``--images``
+    optional); a COCO root, YOLO, VOC or CVAT dataset is resolved to its split."""
+    from pathlib import Path
+
+    from atssdet.data.formats import resolve_split
+
+    if Path(args.ann_file).is_file() and Path(args.ann_file).suffix.lower() == ".json":
+        return args.ann_file, args.images
+    resolved = resolve_split(args.ann_file, data_format=getattr(args, "data_format", None), split=args.split,
+                             images=args.images, max_examples=max_examples)  # fmt: skip
+    return resolved.annotations, resolved.image_root
+
+
+def _add_convert(sub: SubParsers) -> None:
+    p = add_command(
+        sub,
+        "convert",
+        help="convert a dataset between COCO, YOLO, Pascal VOC (and from CVAT)",
+        description="Read every split of SRC (or --split), validate it as training would (a fatal problem "
+        "stops before anything is written) and write it in the --to format under --out: COCO "
+        "(annotations/instances_<split>.json, images/<split>/), YOLO (data.yaml, images/<split>/, "
+        "labels/<split>/) or VOC (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt, classes.txt). "
+        "Images are hard-linked (copied where links are impossible). See docs/data-formats.md.",
+    )
+    p.add_argument("src", metavar="SRC", help="dataset: COCO JSON or root, YOLO data.yaml or folder, VOC root, CVAT XML")
+    add_data_format_flag(p, "--from")
+    p.add_argument("--to", required=True, choices=("coco", "yolo", "voc"), help="output format")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--images", default=None, help="image folder of SRC (a COCO JSON or CVAT XML)")
+    p.add_argument("--split", default=None, help="convert only this split (names a COCO JSON / CVAT split)")
+    p.add_argument("--overwrite", action="store_true", help="replace files that data convert did not write")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from atssdet.data.formats.convert import convert_dataset
+
+    summary = convert_dataset(
+        args.src, args.to, args.out, from_format=getattr(args, "data_format", None), images=args.images,
+        split=args.split, overwrite=getattr(args, "overwrite", False),
+    )  # fmt: skip
+    for name, (images, boxes) in summary.splits.items():
+        print(f"{name}: {images} images, {boxes} boxes")
+    if summary.dropped_crowd:
+        print(f"left out {summary.dropped_crowd} crowd/difficult box(es): YOLO has no such flag")
+    print(f"wrote {summary.files} files under {summary.out}")
+    return 0

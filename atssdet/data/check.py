@@ -1,4 +1,5 @@
-"""Dataset health check of a COCO-format split: ``python -m atssdet data check ANN_JSON --images DIR``.
+"""Dataset health check of a split: ``python -m atssdet data check ANN_JSON --images DIR`` (or a YOLO,
+VOC or CVAT dataset: ``data check DATA``, read by :mod:`atssdet.data.formats`).
 
 The JSON is validated by :mod:`atssdet.data.coco_schema`, the same rules the reader
 (:class:`atssdet.data.coco.COCODetection`) and ``eval`` apply, so the three give one verdict on every
@@ -33,6 +34,7 @@ import numpy as np
 
 from atssdet.data.coco_records import CocoFile, DatasetError, ImageRecord, Problem, ProblemLog, Severity
 from atssdet.data.coco_schema import SCHEMA_PROBLEMS, read_coco_file
+from atssdet.data.formats.common import FORMAT_PROBLEMS, ForeignDataset
 from atssdet.data.image_io import ImageReadError, read_image
 from atssdet.fileio import atomic_write_json
 from atssdet.guard import OutputGuard
@@ -47,9 +49,12 @@ _SPLIT_PROBLEMS: dict[str, tuple[Severity, str]] = {
 }
 
 # code -> (severity, description). The order here is the order of the report: fatal first.
+# The format readers' problems (YOLO, VOC, CVAT: file and line named) come with the schema's.
 PROBLEM_KINDS: dict[str, tuple[Severity, str]] = {
+    **{k: v for k, v in FORMAT_PROBLEMS.items() if v[0] == "fatal"},
     **{k: v for k, v in SCHEMA_PROBLEMS.items() if v[0] == "fatal"},
     **_SPLIT_PROBLEMS,
+    **{k: v for k, v in FORMAT_PROBLEMS.items() if v[0] == "warning"},
     **{k: v for k, v in SCHEMA_PROBLEMS.items() if v[0] == "warning"},
 }
 
@@ -144,7 +149,7 @@ class DatasetCheckError(DatasetError):
 
 
 def check_dataset(
-    ann_file: str | os.PathLike[str],
+    ann_file: str | os.PathLike[str] | ForeignDataset,
     image_dir: str | os.PathLike[str] | None,
     *,
     read_images: bool = True,
@@ -155,15 +160,21 @@ def check_dataset(
     """Check a COCO-format split and return a :class:`CheckReport` (never raises on bad data).
 
     Args:
-        ann_file: COCO ``instances`` JSON.
-        image_dir: folder that ``file_name`` is relative to; None skips every file check.
+        ann_file: COCO ``instances`` JSON, or a YOLO / VOC / CVAT split read by
+            :func:`atssdet.data.formats.read_split` (its problems name the file and line or element).
+        image_dir: folder that ``file_name`` is relative to; None skips every file check (for a
+            YOLO / VOC / CVAT split: its own image folder).
         read_images: decode every image (thread pool) to find unreadable files and size mismatches;
             False only checks that the files exist.
         num_workers: image reading threads (default ``min(8, os.cpu_count())``).
         progress: show a tqdm progress bar while reading images.
         max_examples: how many offending entries to keep per problem kind.
     """
-    coco = read_coco_file(ann_file, max_examples=max_examples)
+    if isinstance(ann_file, ForeignDataset):
+        coco = ann_file.coco(max_examples=max_examples)
+        image_dir = ann_file.image_root if image_dir is None else image_dir
+    else:
+        coco = read_coco_file(ann_file, max_examples=max_examples)
     report = CheckReport(
         ann_file=str(ann_file),
         image_dir=None if image_dir is None else str(image_dir),

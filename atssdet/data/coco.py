@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from atssdet.data.coco_records import AnnotationTable, DatasetError, ImageRecord
+from atssdet.data.coco_records import AnnotationTable, CocoFile, DatasetError, ImageRecord
 from atssdet.data.coco_schema import load_coco_file
 from atssdet.data.image_io import read_image
 from atssdet.errors import cv2_message, describe_memory_error, is_memory_error
@@ -64,7 +64,8 @@ class COCODetection(Dataset):
     """A COCO-format detection dataset.
 
     Args:
-        ann_file: COCO ``instances`` JSON (``images``, ``categories``, optional ``annotations``).
+        ann_file: COCO ``instances`` JSON (``images``, ``categories``, optional ``annotations``), or
+            a :class:`~atssdet.data.coco_records.CocoFile` already validated by the schema.
         image_root: folder that ``images[i].file_name`` is relative to.
         remove_images_without_annotations: drop images with no valid non-crowd box (True for training).
         transform: ``transform(image, boxes_xyxy, rng) -> (image, boxes_xyxy)``, e.g.
@@ -78,16 +79,20 @@ class COCODetection(Dataset):
 
     def __init__(
         self,
-        ann_file: str | os.PathLike[str],
+        ann_file: str | os.PathLike[str] | CocoFile,
         image_root: str | os.PathLike[str],
         *,
         remove_images_without_annotations: bool,
         transform: Transform | None = None,
     ) -> None:
-        self.ann_file = Path(ann_file)
+        if isinstance(ann_file, CocoFile):  # already validated (e.g. a YOLO/VOC/CVAT split, data.formats)
+            coco = ann_file.raise_if_fatal()
+            self.ann_file = Path(coco.source)
+        else:
+            self.ann_file = Path(ann_file)
+            coco = load_coco_file(self.ann_file)  # the schema: refuses what data check and eval refuse
         self.image_root = Path(image_root)
         self.transform = transform
-        coco = load_coco_file(self.ann_file)  # the schema: refuses what data check and eval refuse
         self.category_ids: tuple[int, ...] = tuple(sorted(coco.categories))
         self.class_names: tuple[str, ...] = tuple(coco.categories[c] for c in self.category_ids)
         self.label_to_category_id: tuple[int, ...] = self.category_ids  # label l -> category id

@@ -22,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 
 from atssdet.data.coco_records import CocoFile, gc_paused
 from atssdet.data.coco_schema import load_coco_file, validate_coco
+from atssdet.data.formats.common import ForeignDataset
 from atssdet.postprocess import Detections
 
 STAT_NAMES: tuple[str, ...] = (
@@ -52,6 +53,8 @@ def read_ground_truth(gt: GroundTruth | CocoFile) -> CocoFile:
     """The validated annotation file; a fatal problem raises :class:`~atssdet.data.coco_records.DatasetError`."""
     if isinstance(gt, CocoFile):
         return gt.raise_if_fatal()
+    if isinstance(gt, ForeignDataset):  # a YOLO / VOC / CVAT split, read into the same structure
+        return gt.coco(max_examples=1, warnings=False).raise_if_fatal()
     if isinstance(gt, COCO):
         return validate_coco(
             gt.dataset, "<pycocotools COCO object>", max_examples=1, warnings=False

@@ -1,4 +1,5 @@
-"""The training split: checked once before anything else, read with the recipe's augmentation."""
+"""The training split (COCO, YOLO, VOC or CVAT): checked once before anything else, read with the
+recipe's augmentation."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from atssdet import distributed
 from atssdet.config import ATSSConfig
 from atssdet.data.check import check_dataset
 from atssdet.data.coco import COCODetection
+from atssdet.data.formats import ForeignDataset
 from atssdet.data.transforms import TrainTransform
 
 DATA_CHECKS = ("full", "quick", "off")
 
 
 def check_training_data(
-    ann_file: str | os.PathLike[str], image_dir: str | os.PathLike[str], *, mode: str, progress: bool
+    ann_file: str | os.PathLike[str] | ForeignDataset, image_dir: str | os.PathLike[str], *, mode: str, progress: bool
 ) -> None:
     """:func:`atssdet.data.check.check_dataset` on rank 0 (``mode`` ``"full"`` decodes every image,
     ``"quick"`` checks that they exist, ``"off"`` skips it); every rank raises its fatal report alike."""
@@ -39,12 +41,15 @@ def check_training_data(
 
 
 def training_dataset(
-    cfg: ATSSConfig, ann_file: str | os.PathLike[str], image_dir: str | os.PathLike[str]
+    cfg: ATSSConfig, ann_file: str | os.PathLike[str] | ForeignDataset, image_dir: str | os.PathLike[str]
 ) -> tuple[COCODetection, ATSSConfig]:
     """The annotated images of the split with MegEngine's train transform (random short side, flip),
-    and ``cfg`` with the split's classes (``num_classes``, ``class_names``)."""
+    and ``cfg`` with the split's classes (``num_classes``, ``class_names``). ``ann_file``: a COCO JSON,
+    or a YOLO / VOC / CVAT split (:func:`atssdet.data.formats.resolve_split`), read into the same
+    COCO structure, so the same images in the same order give the same batches."""
+    source = ann_file.coco(max_examples=1, warnings=False) if isinstance(ann_file, ForeignDataset) else ann_file
     dataset = COCODetection(
-        ann_file,
+        source,
         image_dir,
         remove_images_without_annotations=True,
         transform=TrainTransform(short_sizes=cfg.train_image_short_size, max_size=cfg.train_image_max_size),
