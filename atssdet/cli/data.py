@@ -91,7 +91,9 @@ def _add_check(sub: SubParsers) -> None:
         "(training refuses such a dataset), 0 otherwise.",
     )
     p.add_argument(
-        "ann_file", metavar="DATA", help="COCO instances JSON, YOLO data.yaml (or its folder), VOC root, CVAT XML"
+        "ann_file",
+        metavar="DATA",
+        help="COCO instances JSON, YOLO data.yaml (or its folder), VOC root, CVAT XML",
     )
     p.add_argument(
         "--images",
@@ -165,7 +167,9 @@ def _add_convert(sub: SubParsers) -> None:
         "labels/<split>/) or VOC (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt, classes.txt). "
         "Images are hard-linked (copied where links are impossible). See docs/data-formats.md.",
     )
-    p.add_argument("src", metavar="SRC", help="dataset: COCO JSON or root, YOLO data.yaml or folder, VOC root, CVAT XML")
+    p.add_argument(
+        "src", metavar="SRC", help="dataset: COCO JSON or root, YOLO data.yaml or folder, VOC root, CVAT XML"
+    )
     add_data_format_flag(p, "--from")
     p.add_argument("--to", required=True, choices=("coco", "yolo", "voc"), help="output format")
     p.add_argument("--out", required=True, help="output folder")

@@ -14,6 +14,7 @@ from atssdet.cli.common import (
     given,
     overrides,
 )
+from atssdet.cli.data import add_data_format_flag
 
 
 def add_parser(sub: SubParsers) -> None:
@@ -41,9 +42,20 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument(
         "-ee", "--end-epoch", type=int, default=None, help="last epoch (inclusive) for an {epoch} pattern"
     )
-    p.add_argument("--data", required=True, help="COCO annotation JSON of the split")
     p.add_argument(
-        "--images", required=True, help="folder holding the split's images (file_name is relative to it)"
+        "--data",
+        required=True,
+        help="COCO annotation JSON of the split (with --images), a COCO root, a YOLO data.yaml or its folder, "
+        "a VOC root or a CVAT XML",
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        help="folder holding the split's images (needed for a COCO JSON; default: the dataset's own)",
+    )
+    add_data_format_flag(p)
+    p.add_argument(
+        "--split", default=None, help="split of a dataset root / data.yaml (default: val2017, val)"
     )
     p.add_argument(
         "--out",
@@ -70,14 +82,17 @@ def add_parser(sub: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atssdet import distributed
+    from atssdet.data.formats import resolve_split
     from atssdet.evaluation.checkpoints import evaluate_checkpoints
     from atssdet.evaluation.tables import format_per_class_table, format_stats, format_stats_table
 
     _check_outputs(args)
+    resolved = resolve_split(args.data, data_format=getattr(args, "data_format", None), split=args.split,
+                             images=args.images, default_splits=("val2017", "val"))  # fmt: skip
     results = evaluate_checkpoints(
         args.weights,
-        args.data,
-        args.images,
+        resolved.annotations,
+        resolved.image_root,
         model=args.model,
         out=args.out,
         overrides=overrides(args),

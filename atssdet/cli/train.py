@@ -1,10 +1,9 @@
-"""``atssdet train``: the MegEngine recipe on a COCO-format dataset (``torchrun`` for several GPUs/nodes)."""
+"""``atssdet train``: the MegEngine recipe on a COCO, YOLO, VOC or CVAT dataset (``torchrun`` for several GPUs/nodes)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atssdet.cli.common import (
@@ -16,6 +15,7 @@ from atssdet.cli.common import (
     given,
     overrides,
 )
+from atssdet.cli.data import add_data_format_flag
 
 if TYPE_CHECKING:
     from atssdet.config import ATSSConfig
@@ -46,11 +46,15 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="COCO annotation JSON (with --images) or a dataset root (annotations/instances_train*.json ...)",
+        help="COCO annotation JSON (with --images), a COCO root (annotations/instances_train*.json ...), a "
+        "YOLO data.yaml or its folder, a Pascal VOC root (Annotations/) or a CVAT for images XML",
     )
+    add_data_format_flag(p)
     p.add_argument("--images", default=None, help="image folder of --data when it is a JSON file")
     p.add_argument(
-        "--split", default=None, help="split name inside a dataset root (default: train2017, train)"
+        "--split",
+        default=None,
+        help="split name inside a dataset root / data.yaml (default: train2017, train)",
     )
     p.add_argument(
         "--val-data",
@@ -135,10 +139,11 @@ def run(args: argparse.Namespace) -> int:
     from atssdet.training import TrainingError, train
 
     cfg = _config(args.model, args.finetune, overrides(args))
-    train_ann, train_images = _split(args.data, args.images, args.split, flag="--data")
+    fmt = getattr(args, "data_format", None)
+    train_ann, train_images = _split(args.data, args.images, args.split, fmt, flag="--data")
     val_ann = val_images = None
     if args.val_data:
-        val_ann, val_images = _split(args.val_data, args.val_images, None, flag="--val-data")
+        val_ann, val_images = _split(args.val_data, args.val_images, None, fmt, flag="--val-data")
     try:
         result = train(
             cfg,
@@ -184,24 +189,16 @@ def _config(model: str | None, finetune: str | None, changes: dict[str, Any]) ->
     return with_overrides(cfg, changes) if changes else cfg
 
 
-def _split(data: str, images: str | None, split: str | None, *, flag: str) -> tuple[str, str]:
-    """``(annotation JSON, image folder)`` from ``--data FILE --images DIR`` or a dataset root."""
-    from atssdet.data.coco import find_coco_split
+def _split(
+    data: str, images: str | None, split: str | None, fmt: str | None, *, flag: str
+) -> tuple[Any, str]:
+    """``(annotations, image folder)`` from ``--data FILE --images DIR``, a COCO root, or a YOLO / VOC /
+    CVAT dataset (:func:`atssdet.data.formats.resolve_split`; ``annotations`` is then the split read
+    into the COCO structure)."""
+    from atssdet.data.formats import resolve_split
 
-    path = Path(data)
-    if path.is_file():
-        if images is None:
-            raise ValueError(f"{flag} {data} is a JSON file: give its image folder too")
-        return str(path), images
-    if not path.is_dir():
-        raise FileNotFoundError(f"{flag} {data}: no such file or folder")
-    splits = [split] if split else (["train2017", "train"] if flag == "--data" else ["val2017", "val"])
-    errors = []
-    for name in splits:
-        try:
-            ann, image_dir = find_coco_split(path, name)
-        except ValueError as exc:  # DatasetError
-            errors.append(str(exc))
-            continue
-        return str(ann), str(image_dir)
-    raise FileNotFoundError(f"{flag} {data}: no split found ({'; '.join(errors)})")
+    defaults = ("train2017", "train") if flag == "--data" else ("val2017", "val")
+    resolved = resolve_split(
+        data, data_format=fmt, split=split, images=images, default_splits=defaults, flag=flag
+    )
+    return resolved.annotations, resolved.image_root

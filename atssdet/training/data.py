@@ -18,7 +18,11 @@ DATA_CHECKS = ("full", "quick", "off")
 
 
 def check_training_data(
-    ann_file: str | os.PathLike[str] | ForeignDataset, image_dir: str | os.PathLike[str], *, mode: str, progress: bool
+    ann_file: str | os.PathLike[str] | ForeignDataset,
+    image_dir: str | os.PathLike[str],
+    *,
+    mode: str,
+    progress: bool,
 ) -> None:
     """:func:`atssdet.data.check.check_dataset` on rank 0 (``mode`` ``"full"`` decodes every image,
     ``"quick"`` checks that they exist, ``"off"`` skips it); every rank raises its fatal report alike."""
@@ -47,7 +51,9 @@ def training_dataset(
     and ``cfg`` with the split's classes (``num_classes``, ``class_names``). ``ann_file``: a COCO JSON,
     or a YOLO / VOC / CVAT split (:func:`atssdet.data.formats.resolve_split`), read into the same
     COCO structure, so the same images in the same order give the same batches."""
-    source = ann_file.coco(max_examples=1, warnings=False) if isinstance(ann_file, ForeignDataset) else ann_file
+    source = (
+        ann_file.coco(max_examples=1, warnings=False) if isinstance(ann_file, ForeignDataset) else ann_file
+    )
     dataset = COCODetection(
         source,
         image_dir,

@@ -72,7 +72,9 @@ def read_split(path: str | os.PathLike[str], data_format: str, split: str | None
         ds = yolo.read_yolo(path, split or "train", max_examples=max_examples)
     elif data_format == "voc":
         root = Path(path)
-        ds = voc.read_voc(root, split if split or not voc.list_splits(root) else "train", max_examples=max_examples)
+        ds = voc.read_voc(
+            root, split if split or not voc.list_splits(root) else "train", max_examples=max_examples
+        )
     elif data_format == "cvat":
         p = Path(path)
         ds = cvat.read_cvat(p / "annotations.xml" if p.is_dir() else p, images, max_examples=max_examples)
@@ -115,14 +117,16 @@ def list_splits(path: str | os.PathLike[str], data_format: str) -> list[str | No
     from atssdet.data.formats import voc, yolo
 
     if data_format == "yolo":
-        return list(yolo.list_splits(path))
+        return [*yolo.list_splits(path)]
     if data_format == "voc":
-        return list(voc.list_splits(path)) or [None]
+        return [*voc.list_splits(path)] or [None]
     if data_format == "coco":
         p = Path(path)
         if p.is_file():
             return [None]
-        return sorted(q.stem.removeprefix("instances_") for q in (p / "annotations").glob("instances_*.json"))
+        return [
+            *sorted(q.stem.removeprefix("instances_") for q in (p / "annotations").glob("instances_*.json"))
+        ]
     return [None]
 
 

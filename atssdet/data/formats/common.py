@@ -27,7 +27,10 @@ FORMATS = ("coco", "yolo", "voc", "cvat")
 FORMAT_PROBLEMS: dict[str, tuple[Severity, str]] = {
     "unreadable_label_file": ("fatal", "label or annotation file missing or unreadable"),
     "malformed_xml": ("fatal", "XML that does not parse (not well-formed, or entity declarations refused)"),
-    "malformed_element": ("fatal", "XML element missing or malformed (e.g. a bndbox value that is no number)"),
+    "malformed_element": (
+        "fatal",
+        "XML element missing or malformed (e.g. a bndbox value that is no number)",
+    ),
     "bad_data_yaml": ("fatal", "data.yaml empty, not YAML, or without valid 'names' and split paths"),
     "malformed_label": ("fatal", "label line malformed (needs 'class cx cy w h' of finite numbers)"),
     "class_out_of_range": ("fatal", "class id outside the class list"),
@@ -121,7 +124,9 @@ class ForeignDataset:
             ann = self.raw["annotations"][int(table.entry_index[row])]
             w, h = sizes[int(table.image_ids[row])]
             box = ", ".join(f"{v:.6g}" for v in ann["bbox"])
-            examples.append(f"{self.locations[int(table.entry_index[row])]}: bbox [{box}] vs image {w}x{h} (WxH)")
+            examples.append(
+                f"{self.locations[int(table.entry_index[row])]}: bbox [{box}] vs image {w}x{h} (WxH)"
+            )
         return dataclasses.replace(problem, examples=examples or problem.examples)
 
 

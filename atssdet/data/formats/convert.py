@@ -88,7 +88,7 @@ def convert_dataset(src: str | os.PathLike[str], to_format: str, out: str | os.P
         raise FormatError(f"--to must be one of {', '.join(TARGETS)}, got {to_format!r}")
     _, splits = read_splits(src, from_format, images=images, split=split)
     out = Path(out)
-    plan = list(_plan(splits, to_format, out))
+    plan = [(dst, what) for dst, what in _plan(splits, to_format, out) if not _already_linked(dst, what)]
     outputs = [dst for dst, _ in plan]
     if len(set(outputs)) != len(outputs):
         raise FormatError(f"{out}: two images of the splits would be written to the same file")
@@ -114,6 +114,14 @@ def convert_dataset(src: str | os.PathLike[str], to_format: str, out: str | os.P
         if to_format == "yolo":
             summary.dropped_crowd += int(table.iscrowd.sum())
     return summary
+
+
+def _already_linked(dst: Path, what: Any) -> bool:
+    """An image output that already is its source (a hard link of an earlier run): nothing to write."""
+    try:
+        return isinstance(what, Path) and dst.exists() and os.path.samefile(dst, what)
+    except OSError:
+        return False
 
 
 def coco_dict(coco: CocoFile) -> dict[str, Any]:
@@ -176,7 +184,10 @@ def _plan(splits: list[_Split], to_format: str, out: Path) -> Iterator[tuple[Pat
                 objects = [(s.coco.categories[int(t.category_ids[i])], tuple(t.boxes_xywh[i].tolist()),
                             bool(t.iscrowd[i]), None) for i in at]  # fmt: skip
                 yield out / "JPEGImages" / rel, src
-                yield out / "Annotations" / rel.with_suffix(".xml"), voc_xml(str(rel), (r.height, r.width), objects)
+                yield (
+                    out / "Annotations" / rel.with_suffix(".xml"),
+                    voc_xml(str(rel), (r.height, r.width), objects),
+                )
                 listing.append(str(rel.with_suffix("")))
         if to_format == "voc":
             yield out / "ImageSets" / "Main" / f"{s.name}.txt", "".join(f"{x}\n" for x in listing)

@@ -76,7 +76,9 @@ def read_cvat(path: str | os.PathLike[str], images: str | os.PathLike[str] | Non
         image_id = builder.add_image(name, height, width)
         for label, xywh, difficult, where in boxes:
             if label not in index:
-                log.add("unknown_class", where, f"label {label!r} is not among the <meta> labels {short(names)}")
+                log.add(
+                    "unknown_class", where, f"label {label!r} is not among the <meta> labels {short(names)}"
+                )
                 continue
             builder.add_box(image_id, index[label], xywh, where, crowd=difficult)
     root = Path(images) if images is not None else default_image_root(path)
@@ -121,7 +123,11 @@ def _image(elem: Any, where: str, log: ProblemLog) -> Any:
         coords = [parse_number(shape.get(a)) for a in ("xtl", "ytl", "xbr", "ybr")]
         label = shape.get("label")
         if not label or any(c is None for c in coords):
-            log.add("malformed_element", at, f"needs 'label' and numeric xtl/ytl/xbr/ybr, got {short(dict(shape.attrib))}")
+            log.add(
+                "malformed_element",
+                at,
+                f"needs 'label' and numeric xtl/ytl/xbr/ybr, got {short(dict(shape.attrib))}",
+            )
             continue
         x1, y1, x2, y2 = (float(c) for c in coords if c is not None)
         difficult = any(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,14 @@ def _split_stems(root: Path, split: str | None, log: ProblemLog) -> list[str]:
     except OSError as exc:
         log.add("unreadable_label_file", str(listing), f"split {split!r}: {exc.strerror or exc}")
         return []
-    return [line.split()[0] for line in lines if line.strip()]
+    return [_stem(line) for line in lines if line.strip()]
+
+
+def _stem(line: str) -> str:
+    """The image id of an ImageSets line: the whole line, but for a ``<class>_<split>.txt``-style
+    ``id 1`` / ``id -1`` line (the id may hold spaces: it names a file)."""
+    parts = line.strip().rsplit(None, 1)
+    return parts[0] if len(parts) == 2 and parts[1] in ("-1", "0", "1") else line.strip()
 
 
 def _read_xml(path: Path, log: ProblemLog) -> tuple[str, int | None, int | None, list[_Object]] | None:
@@ -156,7 +164,11 @@ def _object(obj: Any, where: str, log: ProblemLog) -> _Object | None:
     for tag in ("xmin", "ymin", "xmax", "ymax"):
         value = parse_number(text_of(box, tag))
         if value is None:
-            log.add("malformed_element", f"{where}/bndbox/{tag}", f"not a finite number: {short(text_of(box, tag))}")
+            log.add(
+                "malformed_element",
+                f"{where}/bndbox/{tag}",
+                f"not a finite number: {short(text_of(box, tag))}",
+            )
             return None
         values.append(value)
     xmin, ymin, xmax, ymax = values
@@ -171,7 +183,7 @@ def _object(obj: Any, where: str, log: ProblemLog) -> _Object | None:
 def voc_xml(
     file_name: str,
     image_hw: tuple[int, int],
-    objects: list[tuple[str, tuple[float, float, float, float], bool, float | None]],
+    objects: Sequence[tuple[str, Sequence[float], bool, float | None]],
     *,
     whole_pixels: bool = True,
 ) -> bytes:
@@ -194,10 +206,10 @@ def voc_xml(
         if score is not None:
             ET.SubElement(obj, "score").text = f"{score:.5f}"
         box = ET.SubElement(obj, "bndbox")
-        coords = (x + 1, y + 1, x + w, y + h) if not whole_pixels else (
-            round(x) + 1, round(y) + 1, round(x + w), round(y + h))  # fmt: skip
-        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), coords, strict=True):
-            ET.SubElement(box, tag).text = str(value) if whole_pixels else f"{value:.2f}"
+        for tag, coord in zip(("xmin", "ymin", "xmax", "ymax"), (x + 1, y + 1, x + w, y + h), strict=True):
+            # whole pixels: xmin = round(x) + 1, xmax = round(x + w)
+            whole = round(coord - 1) + 1 if tag[1:] == "min" else round(coord)
+            ET.SubElement(box, tag).text = str(whole) if whole_pixels else f"{coord:.2f}"
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n"
 

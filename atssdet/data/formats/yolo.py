@@ -98,7 +98,9 @@ def _names(names: Any, nc: Any, log: ProblemLog, where: str) -> list[str] | None
             return None
         names = [names[k] for k in keys]
     if not isinstance(names, list) or not names:
-        log.add("bad_data_yaml", f"{where}: names", f"needs a non-empty list of class names, got {short(names)}")
+        log.add(
+            "bad_data_yaml", f"{where}: names", f"needs a non-empty list of class names, got {short(names)}"
+        )
         return None
     out = [str(n) for n in names]
     if len(set(out)) != len(out):
@@ -208,7 +210,9 @@ def _add_image(builder: CocoBuilder, image: Path, root: Path, log: ProblemLog) -
             log.add("class_out_of_range", where, f"class id {cls} out of range 0..{num_classes - 1} "
                     f"(data.yaml names {num_classes} classes)")  # fmt: skip
             continue
-        builder.add_box(image_id, cls, ((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height), where)
+        builder.add_box(
+            image_id, cls, ((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height), where
+        )
 
 
 def parse_label_line(line: str) -> tuple[int, tuple[float, float, float, float]] | str:
@@ -283,7 +287,9 @@ def write_yolo_labels(
     return atomic_write_text(path, "".join(f"{line}\n" for line in lines), mark=mark)
 
 
-def write_data_yaml(path: Path, names: Iterable[str], splits: dict[str, str], *, mark: str | None = None) -> Path:
+def write_data_yaml(
+    path: Path, names: Iterable[str], splits: dict[str, str], *, mark: str | None = None
+) -> Path:
     import yaml
 
     doc: dict[str, Any] = {"path": ".", **splits, "nc": len(list(names)), "names": list(names)}
