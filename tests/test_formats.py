@@ -202,7 +202,9 @@ def test_eval_reads_voc_difficult_as_ignored(tmp_path):
     cat = VOC_CLASSES.index("cat")  # every name is a VOC class: the 20 VOC classes, in their order
 
     def detect(images: list[np.ndarray]) -> list[Detections]:
-        boxes = torch.tensor([[60.0, 45.0, 80.0, 65.0], [10.0, 10.0, 40.0, 40.0]])  # inside the difficult box first
+        boxes = torch.tensor(
+            [[60.0, 45.0, 80.0, 65.0], [10.0, 10.0, 40.0, 40.0]]
+        )  # inside the difficult box first
         return [Detections(boxes, torch.tensor([0.9, 0.8]), torch.tensor([cat, cat])) for _ in images]
 
     split = resolve_split(voc)

@@ -16,7 +16,9 @@ def _image(path: Path, h: int = 40, w: int = 50) -> None:
     cv2.imwrite(str(path), np.full((h, w, 3), 127, np.uint8))
 
 
-def _yolo(root: Path, labels: dict[str, str], *, yaml: str = "train: images/train\nnames: [cat, dog]\n") -> Path:
+def _yolo(
+    root: Path, labels: dict[str, str], *, yaml: str = "train: images/train\nnames: [cat, dog]\n"
+) -> Path:
     for stem, text in labels.items():
         if not stem.startswith("ghost"):
             _image(root / "images" / "train" / f"{stem}.png")
@@ -115,7 +117,7 @@ def test_cvat_malformed_xml_bad_box_and_box_outside(tmp_path, capsys):
     _image(tmp_path / "images" / "a.png")
     xml = tmp_path / "annotations.xml"
     xml.write_text(
-        '<annotations><version>1.1</version><meta><task><labels><label><name>cat</name></label></labels></task>'
+        "<annotations><version>1.1</version><meta><task><labels><label><name>cat</name></label></labels></task>"
         '</meta><image id="0" name="a.png" width="50" height="40"><box label="cat" xtl="1" ytl="2" xbr="20" ybr="30"/>'
         '<box label="cat" xtl="60" ytl="2" xbr="80" ybr="30"/><box label="cat" xtl="1" ytl="q" xbr="20" ybr="30"/>'
         '<box label="dog" xtl="1" ytl="2" xbr="20" ybr="30"/></image></annotations>'
@@ -126,7 +128,9 @@ def test_cvat_malformed_xml_bad_box_and_box_outside(tmp_path, capsys):
     assert f"{xml}: image[1] (name 'a.png')/box[4]: label 'dog' is not among the <meta> labels" in out
     assert f"{xml}: image[1] (name 'a.png')/box[2]: bbox [60, 2, 20, 28] vs image 50x40" in out
 
-    xml.write_text('<annotations><image id="0" name="a.png" width="50" height="40">\n<box label="cat"></annotations>')
+    xml.write_text(
+        '<annotations><image id="0" name="a.png" width="50" height="40">\n<box label="cat"></annotations>'
+    )
     code, out = _check(capsys, str(xml))
     assert code == 1 and f"{xml}: line 2, column" in out and "malformed_xml" in out
 

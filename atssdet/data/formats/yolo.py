@@ -42,6 +42,7 @@ from atssdet.data.formats.common import (
     relative_name,
     short,
 )
+from atssdet.errors import OptionError
 from atssdet.fileio import atomic_write_text
 
 SPLIT_KEYS = ("train", "val", "test")
@@ -61,9 +62,17 @@ def find_yaml(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - a dependency of the formats extra
+        raise OptionError("reading a YOLO data.yaml needs PyYAML: pip install 'atssdet[formats]'") from exc
+    return yaml
+
+
 def read_data_yaml(path: Path, log: ProblemLog) -> dict[str, Any] | None:
     """The parsed ``data.yaml`` with ``names`` as a list, or None after logging the problem (line named)."""
-    import yaml
+    yaml = _yaml()
 
     where = str(path)
     try:
@@ -120,7 +129,7 @@ def dataset_root(yaml_path: Path, doc: dict[str, Any]) -> Path:
 
 def list_splits(path: str | os.PathLike[str]) -> list[str]:
     """The split keys (``train``, ``val``, ``test``) that the ``data.yaml`` of ``path`` names."""
-    import yaml
+    yaml = _yaml()
 
     try:
         doc = yaml.safe_load(find_yaml(path).read_text(encoding="utf-8-sig"))
@@ -290,7 +299,7 @@ def write_yolo_labels(
 def write_data_yaml(
     path: Path, names: Iterable[str], splits: dict[str, str], *, mark: str | None = None
 ) -> Path:
-    import yaml
+    yaml = _yaml()
 
     doc: dict[str, Any] = {"path": ".", **splits, "nc": len(list(names)), "names": list(names)}
     return atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), mark=mark)
