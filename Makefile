@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml requirements-pinned.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -r requirements-pinned.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -e ".[dev,export,serve,formats,loggers]"
+	# tidecv (the TIDE reference, tests/test_analysis.py only) declares the non-headless opencv-python,
+	# which would clobber cv2: installed without its dependencies, then the ones it needs to import.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps tidecv==1.0.1 appdirs==1.4.4
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt pandas seaborn
 	touch $@
 
 # Headless Chromium for tests/test_serve_browser.py: Debian's package, installed only when missing and
