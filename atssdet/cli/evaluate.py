@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from atssdet.cli.common import (
     SubParsers,
@@ -76,6 +77,26 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument(
         "--dist-timeout", type=float, help="seconds before a stuck collective fails (default 1800)"
     )
+    p.add_argument(
+        "--analysis",
+        metavar="DIR",
+        default=None,
+        help="also write error analysis files: per-class precision-recall curves, the confusion matrix "
+        "(PNG + CSV), the TIDE breakdown (several checkpoints: DIR/<name>/)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="PAGE",
+        default=None,
+        help="also write one self-contained HTML page (statistics, per-class AP, curves, matrix, TIDE, the "
+        "20 images with the most errors drawn), e.g. runs/eval/index.html; {name} as in --out",
+    )
+    p.add_argument(
+        "--analysis-threshold",
+        dest="score_threshold",
+        type=float,
+        help="score from which detections count in the confusion matrix and the drawn images (default 0.3)",
+    )
     add_progress_flag(p)
     p.set_defaults(func=run)
 
@@ -102,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
         **given(args, "batch_size", "num_workers", "progress", "dist_timeout"),
     )
     rows = []
+    done = []
     for result in results:
+        done.append(result)
         report = result.report
         rows.append((result.label, report.stats))
         if not distributed.is_main_process():
@@ -117,7 +140,26 @@ def run(args: argparse.Namespace) -> int:
     if len(rows) > 1 and distributed.is_main_process():
         print()
         print(format_stats_table(rows))
+    if (args.analysis or args.report) and distributed.is_main_process():
+        _write_extras(args, done, resolved.annotations, resolved.image_root)
     return 0
+
+
+def _write_extras(args: argparse.Namespace, results: list[Any], annotations: Any, image_root: str) -> None:
+    """``--analysis`` / ``--report`` of every evaluated checkpoint (evaluation.extras)."""
+    from atssdet.evaluation.coco import read_ground_truth
+    from atssdet.evaluation.extras import extra_paths, write_extras
+
+    gt = read_ground_truth(annotations)
+    pairs = extra_paths([r.label for r in results], args.analysis, args.report)
+    for result, (analysis_dir, page) in zip(results, pairs, strict=True):
+        written = write_extras(
+            result.report, gt, image_root, analysis_dir=analysis_dir, report_path=page, inputs=[args.data],
+            overwrite=getattr(args, "overwrite", False), title=f"{result.label} on {args.data}",
+            **given(args, "score_threshold"),
+        )  # fmt: skip
+        where = ", ".join(str(p) for p in (analysis_dir, page) if p is not None)
+        print(f"wrote {len(written)} analysis file(s): {where}")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -133,5 +175,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
     for label, _ in runs:
         results = args.out.replace("{name}", label)
         outputs += [results, metrics_path_for(results)]
+    if args.analysis or args.report:
+        from atssdet.evaluation.extras import extra_paths, planned_outputs
+
+        outputs += planned_outputs(extra_paths([label for label, _ in runs], args.analysis, args.report))
     inputs = [args.data, *(path for _, path in runs if path is not None)]
     OutputGuard(COMMAND, inputs=inputs, overwrite=getattr(args, "overwrite", False)).check(outputs)

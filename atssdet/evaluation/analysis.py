@@ -295,3 +295,27 @@ def confusion_matrix(
             extra = extra[~in_crowd]
         np.add.at(matrix[k], p_lab[extra], 1)
     return matrix
+
+
+def match_image(
+    gt_boxes: np.ndarray, gt_cats: np.ndarray, crowd: np.ndarray, det_boxes: np.ndarray, det_cats: np.ndarray,
+    *, iou_threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """COCO-style matching of one image's detections (xywh, sorted by score, highest first) to its boxes:
+    ``(true positive [D], ignored inside a crowd box [D], matched box [G])``, bool arrays."""
+    real = ~crowd.astype(bool)
+    iou = _iou(det_boxes, gt_boxes[real], crowd=False) * (det_cats[:, None] == gt_cats[real][None, :])
+    tp = np.zeros(len(det_boxes), bool)
+    taken = np.zeros(int(real.sum()), bool)
+    for i in range(len(det_boxes)):  # greedy in score order: sequential by definition
+        free = np.where(taken, -1.0, iou[i]) if taken.size else iou[i]
+        if free.size and free.max() >= iou_threshold:
+            j = int(free.argmax())
+            tp[i], taken[j] = True, True
+    ignored = np.zeros(len(det_boxes), bool)
+    if (~real).any() and len(det_boxes):
+        inside = _iou(det_boxes, gt_boxes[~real], crowd=True) > iou_threshold
+        ignored = ~tp & (inside & (det_cats[:, None] == gt_cats[~real][None, :])).any(axis=1)
+    matched = np.zeros(len(gt_boxes), bool)
+    matched[np.flatnonzero(real)] = taken
+    return tp, ignored, matched
