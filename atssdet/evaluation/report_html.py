@@ -92,9 +92,10 @@ def worst_images(gt: CocoFile, results: Sequence[dict[str, Any]], threshold: flo
 
 def draw_errors(image: np.ndarray, info: dict[str, Any], class_names: Sequence[str]) -> bytes:
     """The image (BGR) with its boxes drawn as the module doc says, as JPEG bytes."""
-    scale = min(1.0, _MAX_SIDE / max(image.shape[:2]))
-    if scale < 1:
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    scale = min(4.0, _MAX_SIDE / max(image.shape[:2]))  # small images are enlarged (up to 4x) to be seen
+    if scale != 1:
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=interpolation)
     canvas = np.ascontiguousarray(image)
 
     def box(xywh: np.ndarray, colour: tuple[int, int, int], width: int, label: str | None) -> None:
@@ -129,8 +130,10 @@ def render_report(report: EvalReport, analysis: Analysis, gt: CocoFile, results:
                   image_root: str | os.PathLike[str], *, title: str) -> str:  # fmt: skip
     """The page's HTML text (see the module doc)."""
     esc = html.escape
-    stats = _table(["statistic", "value", "definition"],
-                   [(esc(k), _pct(report.stats.get(k, -1.0)), esc(STAT_DEFINITIONS.get(k, ""))) for k in STAT_NAMES])  # fmt: skip
+    stat_rows = [
+        (esc(k), _pct(report.stats.get(k, -1.0)), esc(STAT_DEFINITIONS.get(k, ""))) for k in STAT_NAMES
+    ]
+    stats = _table(["statistic", "value", "definition"], stat_rows, numeric=(1,))
     per_class = _table(["class", "AP", "AP50"],
                        [(esc(n), _pct(report.per_class_ap.get(n, math.nan)), _pct(analysis.ap50.get(n, math.nan)))
                         for n in analysis.class_names])  # fmt: skip
