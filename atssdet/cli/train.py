@@ -124,6 +124,22 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument(
         "--dist-timeout", type=float, help="seconds before a stuck collective fails (default 1800)"
     )
+    p.add_argument(
+        "--logger",
+        dest="loggers",
+        nargs="+",
+        choices=("jsonl", "tensorboard", "mlflow"),
+        help="experiment loggers beside train_log.jsonl (always written): tensorboard (OUT/tensorboard), "
+        "mlflow (OUT/mlruns, or --tracking-uri); several allowed",
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the folder store OUT/mlruns)")
+    p.add_argument("--experiment", help="MLflow experiment name (default atssdet)")
+    p.add_argument(
+        "--log-val-images",
+        dest="log_val_images",
+        type=int,
+        help="validation images drawn with their detections and logged at each validation (default 4)",
+    )
     add_progress_flag(p, "no progress bar (one line per --log-every)")
     p.add_argument(
         "--data-check",
@@ -144,6 +160,16 @@ def run(args: argparse.Namespace) -> int:
     val_ann = val_images = None
     if args.val_data:
         val_ann, val_images = _split(args.val_data, args.val_images, None, fmt, flag="--val-data")
+    loggers = None
+    if hasattr(args, "loggers") or hasattr(args, "tracking_uri"):
+        from atssdet.training.loggers import LoggerOptions
+
+        names = tuple(getattr(args, "loggers", ("mlflow",)))
+        extra = {k: getattr(args, k) for k in ("tracking_uri", "experiment") if hasattr(args, k)}
+        if hasattr(args, "log_val_images"):
+            extra["val_images"] = args.log_val_images
+        val = (val_ann, val_images) if val_ann is not None else None
+        loggers = LoggerOptions(names=names, val=val, **extra)
     try:
         result = train(
             cfg,
@@ -152,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out,
             val_ann=val_ann,
             val_images=val_images,
+            loggers=loggers,
             **given(args, *_PASSED),
         )
         if distributed.is_main_process():

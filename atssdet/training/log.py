@@ -3,7 +3,8 @@
 Only rank 0 writes; on other ranks a :class:`TrainLog` accepts every call and does nothing visible.
 JSONL records: one ``{"event": "start", ...}``, then one per logged iteration (``iteration``, the
 losses, ``lr``, ``time``, ``data_time``, ``eta``, ``eta_s``, ``max_mem_mb``, ``skipped_images``),
-``{"event": "checkpoint", ...}`` and ``{"event": "eval", "bbox/AP": ...}``.
+``{"event": "checkpoint", ...}`` and ``{"event": "eval", "bbox/AP": ...}``. With
+:class:`~atssdet.training.loggers.LoggerOptions` the same numbers also go to TensorBoard / MLflow.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from atssdet.config import ATSSConfig
 if TYPE_CHECKING:
     from atssdet.training.checkpoint import Resume
     from atssdet.training.device import DeviceOptions
+    from atssdet.training.loggers import LoggerOptions, Sink
 
 LOG_NAME = "train_log.jsonl"
 
@@ -91,9 +93,17 @@ class TrainLog:
     """
 
     def __init__(
-        self, path: Path | None, *, start: int, end: int, log_every: int, progress: bool, device: torch.device
-    ) -> None:
+        self, path: Path | None, *, start: int, end: int, log_every: int, progress: bool, device: torch.device,
+        loggers: LoggerOptions | None = None,
+    ) -> None:  # fmt: skip
         self.main = path is not None
+        self.loggers = loggers
+        self.sinks: list[Sink] = []
+        self.global_batch = 1
+        if path is not None and loggers is not None:
+            from atssdet.training.loggers import open_sinks
+
+            self.sinks = open_sinks(loggers, path.parent)
         self.file = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
         self.start, self.end, self.log_every, self.device = start, end, log_every, device
         self.bar = None
@@ -109,6 +119,12 @@ class TrainLog:
         if self.file is not None:
             self.file.write(json.dumps(record, sort_keys=False) + "\n")
             self.file.flush()
+        if record.get("event") == "start" and self.sinks:
+            from atssdet.training.loggers import flat_params
+
+            self.global_batch = int(record.get("global_batch", 1))
+            for sink in self.sinks:
+                sink.params(flat_params(record))
 
     def say(self, msg: str) -> None:
         """A console line (above the progress bar when there is one)."""
@@ -131,17 +147,21 @@ class TrainLog:
             self.bar.update(1)
         if not self.main or not (done % self.log_every == 0 or done == self.end or done == self.start + 1):
             return
-        self.write(
-            {
-                **record,
-                "time": round(iter_time, 4),
-                "data_time": round(data_time, 4),
-                "eta": format_eta(eta),
-                "eta_s": round(eta, 1),
-                "max_mem_mb": round(max_memory_mb(self.device), 1),
-                "skipped_images": skipped_images,
-            }
-        )
+        logged = {
+            **record,
+            "time": round(iter_time, 4),
+            "data_time": round(data_time, 4),
+            "eta": format_eta(eta),
+            "eta_s": round(eta, 1),
+            "max_mem_mb": round(max_memory_mb(self.device), 1),
+            "skipped_images": skipped_images,
+        }
+        self.write(logged)
+        if self.sinks:
+            from atssdet.training.loggers import step_scalars
+
+            for sink in self.sinks:
+                sink.scalars(done, step_scalars(logged, self.global_batch))
         if self.bar is None:
             self.say(
                 f"iter {done}/{self.end} loss {record['total_loss']:.4f} (cls {record['loss_cls']:.4f} bbox "
@@ -155,8 +175,15 @@ class TrainLog:
     def evaluation(self, iteration: int, stats: dict[str, float]) -> None:
         self.write({"event": "eval", "iteration": iteration, **{f"bbox/{k}": v for k, v in stats.items()}})
         self.say(f"iter {iteration}: val AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f}")
+        if self.sinks and self.loggers is not None and self.file is not None:
+            from atssdet.training.loggers import log_validation
+
+            log_validation(self.sinks, self.loggers, Path(self.file.name).parent, iteration, stats)
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:

@@ -46,6 +46,7 @@ from atssdet.training.checkpoint import (
 from atssdet.training.data import check_training_data, training_dataset
 from atssdet.training.device import DeviceOptions, compiled, cudnn_autotuning, device_options, prepare_model
 from atssdet.training.log import LOG_NAME, TrainLog, start_record
+from atssdet.training.loggers import LoggerOptions
 from atssdet.training.ownership import claim_run_folder, releases_run_folders
 from atssdet.training.result import TrainingError, TrainResult
 from atssdet.training.schedule import build_optimizer, learning_rate, set_learning_rate, total_iterations
@@ -84,6 +85,7 @@ def train(
     data_check: str = "full",
     allow_layout_change: bool = False,
     overwrite: bool = False,
+    loggers: LoggerOptions | None = None,
 ) -> TrainResult:
     """Train an ATSS detector on a COCO-format split; see the module docstring for the recipe.
 
@@ -124,6 +126,7 @@ def train(
         data_check: ``"full"``: :func:`atssdet.data.check.check_dataset` on the training split, decoding
             every image, before anything else; ``"quick"``: the annotation file and that the image files
             exist; ``"off"``. Fatal problems stop training with the report.
+        loggers: TensorBoard / MLflow sinks beside ``train_log.jsonl`` (:mod:`~atssdet.training.loggers`).
 
     Raises:
         TrainingError: non-finite loss (message names iteration and image ids; earlier checkpoints are
@@ -169,7 +172,7 @@ def train(
     checkpointer = Checkpointer(out, cfg, batch_size=batch_size, seed=seed, keep=keep_checkpoints, run=owner)
     log = TrainLog(
         out / LOG_NAME if info.is_main else None, start=start, end=end, log_every=log_every or cfg.log_interval,
-        progress=progress, device=dev,
+        progress=progress, device=dev, loggers=loggers,
     )  # fmt: skip
     log.write(start_record(
         cfg, iteration=start, max_iters=end, batch_size=batch_size, world_size=world, opts=opts,
