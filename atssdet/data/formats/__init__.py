@@ -99,6 +99,10 @@ def resolve_split(
 
     ``default_splits``: the COCO / YOLO / VOC split names tried in turn when ``split`` is None.
     """
+    if not Path(path).exists():
+        if Path(path).suffix.lower() == ".json" and images is not None:
+            return ResolvedSplit("coco", str(path), str(images))  # the COCO schema names the missing file
+        raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     fmt = data_format or detect_format(path)
     if fmt not in FORMATS:
         raise FormatError(f"{flag}: unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
