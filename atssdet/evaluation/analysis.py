@@ -15,9 +15,10 @@ foreground IoU ``t_f = 0.5`` and background IoU ``t_b = 0.1``, 100 detections pe
   Cls / Loc errors become true positives (one per ground truth box: the highest-scored error), Dupe /
   Bkg / Both detections are removed, missed boxes are removed from the ground truth.
 
-``tidecv`` itself is not used: it is unmaintained since 2020, needs the non-headless
-``opencv-python`` and pandas/seaborn for its plots, and computes one IoU at a time in Python;
-``tests/test_analysis.py`` checks this code against it (where it installs) and hand-computed cases.
+``tidecv`` itself is not used: it is unmaintained since 2020, declares the non-headless
+``opencv-python`` (which would replace this project's ``cv2``) and imports pandas and seaborn for its
+plots; ``tests/test_analysis.py`` checks this code against it (where it installs) and against
+hand-computed cases.
 
 **Confusion matrix** at IoU 0.5 over detections scored at least ``score_threshold``: rows are the
 true class, plus a last *background* row (a detection that matches no box: a false positive);
