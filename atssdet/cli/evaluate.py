@@ -23,8 +23,9 @@ def add_parser(sub: SubParsers) -> None:
         sub,
         "eval",
         help="COCO evaluation of one or several checkpoints (torchrun for several GPUs/nodes)",
-        description="Run a detector over a COCO-format split, write the COCO results JSON and a metrics "
-        "JSON next to it, and print the 12 COCO bbox statistics and per-class AP. Several checkpoints "
+        description="Run a detector over a split (COCO JSON, YOLO, Pascal VOC or CVAT), write the COCO results "
+        "JSON and a metrics JSON next to it, and print the 12 COCO bbox statistics and per-class AP; "
+        "--analysis/--report add PR curves, a confusion matrix, the TIDE breakdown and an HTML page. Several checkpoints "
         "(files, globs, or an {epoch} pattern with --start-epoch/--end-epoch) are evaluated in turn and "
         "compared in a table. Under `torchrun --nproc_per_node=N -m atssdet eval ...` the images are "
         "sharded across the processes.",
