@@ -144,3 +144,22 @@ def test_good_yolo_dataset_checks_ok_and_train_refuses_a_bad_one(tmp_path, capsy
                  "--no-progress", "--set", "backbone=resnet18"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "class id 5 out of range" in err and "a.txt:1" in err
+
+
+def test_data_convert_cli_reruns_and_refuses_foreign_files(tmp_path, capsys):
+    src = _yolo(tmp_path / "y", {"a": "0 0.5 0.5 0.2 0.2\n", "b": "1 0.3 0.3 0.2 0.2\n0 0.7 0.7 0.2 0.2\n"})
+    out = tmp_path / "voc"
+    assert main(["data", "convert", str(src), "--to", "voc", "--out", str(out)]) == 0
+    assert "train: 2 images, 3 boxes" in capsys.readouterr().out
+    assert (out / "classes.txt").read_text() == "cat\ndog\n"
+    assert (out / "ImageSets" / "Main" / "train.txt").read_text() == "a\nb\n"
+    assert main(["data", "convert", str(src), "--to", "voc", "--out", str(out)]) == 0  # its own files
+    capsys.readouterr()
+    (out / "Annotations" / "a.xml").write_text("<annotation/>")  # now a file data convert did not write
+    assert main(["data", "convert", str(src), "--to", "voc", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "atssdet data: error:" in err and "a.xml" in err and "--overwrite" in err
+    bad = _yolo(tmp_path / "bad", {"a": "3 0.5 0.5 0.2 0.2\n"})
+    assert main(["data", "convert", str(bad), "--to", "coco", "--out", str(tmp_path / "c")]) == 2
+    assert "a.txt:1: class id 3 out of range" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # nothing written before the check passed
