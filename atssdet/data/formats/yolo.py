@@ -159,7 +159,12 @@ def _split_images(entry: Any, root: Path, log: ProblemLog, where: str) -> tuple[
             folders.append(p)
             images += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
         elif p.is_file() and p.suffix == ".txt":
-            for line in p.read_text(encoding="utf-8-sig").splitlines():
+            try:
+                lines = p.read_text(encoding="utf-8-sig").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                log.add("bad_data_yaml", where, f"{p}: cannot read the image list ({exc})")
+                continue
+            for line in lines:
                 if line.strip():
                     q = Path(line.strip())
                     images.append(q if q.is_absolute() else p.parent / q)
