@@ -1,5 +1,5 @@
 """``eval --report``'s HTML page opened in headless Chromium (the serving test's launch code): every
-picture loads, the tables are there; and ``eval --analysis`` files from the CLI on a YOLO dataset."""
+picture loads, the tables are there; the ``eval --analysis`` files; and both from the CLI on a YOLO split."""
 
 from __future__ import annotations
 
@@ -73,3 +73,37 @@ def test_analysis_files_are_written_and_consistent(page_file):
     # the fake detector adds one false positive per image, at score 0.65: TIDE counts 5 non-TP detections
     tide = summary["tide"]["counts"]
     assert tide["Bkg"] + tide["Both"] + tide["Cls"] + tide["Loc"] + tide["Dupe"] >= 5
+
+
+def test_eval_cli_writes_analysis_and_page_of_a_yolo_split(tmp_path, capsys):
+    """``eval --data YOLO --analysis DIR --report PAGE`` with a small random-weight model; with several
+    checkpoints the page path needs ``{name}`` (refused before any model loads)."""
+    import torch
+
+    from atssdet.cli import main
+    from atssdet.data.formats.convert import convert_dataset
+    from atssdet.modeling.atss import build_model
+    from atssdet.training.checkpoint import save_final_weights
+
+    ann, images = coco_synth.write_split(tmp_path / "coco")
+    convert_dataset(ann, "yolo", tmp_path / "yolo", images=str(images))
+    torch.manual_seed(0)
+    weights = save_final_weights(
+        build_model(coco_synth.TINY_CFG), tmp_path / "m.safetensors", coco_synth.TINY_CFG
+    )
+    code = main([
+        "eval", "--weights", str(weights), "--data", str(tmp_path / "yolo"), "--split", "train",
+        "--out", str(tmp_path / "ev" / "{name}.results.json"), "--analysis", str(tmp_path / "an"),
+        "--report", str(tmp_path / "ev" / "index.html"), "--device", "cpu", "--no-progress", "--workers", "0",
+        "--set", "test_max_boxes_per_image=20",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "an" / "confusion_matrix.csv").is_file()
+    assert len(list((tmp_path / "an" / "pr_curves").glob("*.png"))) == 3
+    assert "<h2>TIDE error breakdown</h2>" in (tmp_path / "ev" / "index.html").read_text()
+    capsys.readouterr()
+    other = tmp_path / "m2.safetensors"
+    other.write_bytes(weights.read_bytes())
+    assert main(["eval", "--weights", str(weights), str(other), "--data", str(tmp_path / "yolo"),
+                 "--report", str(tmp_path / "one.html")]) == 2  # fmt: skip
+    assert "several checkpoints are evaluated; put {name} in the path" in capsys.readouterr().err
