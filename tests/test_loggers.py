@@ -84,3 +84,27 @@ def test_mlflow_run_holds_the_scalars_params_and_images(run_dir):
     assert run.data.params["global_batch"] == "2" and run.data.params["config.backbone"] == "resnet18"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "val_images/0")]
     assert artifacts == ["val_images/0/step_00000001.png", "val_images/0/step_00000002.png"]
+
+
+@pytest.mark.parametrize(
+    ("raised", "status"), [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")]
+)
+def test_an_mlflow_run_ends_as_the_training_did(tmp_path, raised, status):
+    """A run whose training raised is not left FINISHED (nor RUNNING) in MLflow."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from atssdet.training.log import TrainLog
+    from atssdet.training.loggers import LoggerOptions
+
+    opts = LoggerOptions(names=("mlflow",))
+    try:
+        with TrainLog(tmp_path / "train_log.jsonl", start=0, end=1, log_every=1, progress=False,
+                      device=torch.device("cpu"), loggers=opts):  # fmt: skip
+            if raised is not None:
+                raise raised("stop")
+    except (RuntimeError, KeyboardInterrupt):
+        pass
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("atssdet").experiment_id])
+    assert run.info.status == status

@@ -180,9 +180,17 @@ class TrainLog:
 
             log_validation(self.sinks, self.loggers, Path(self.file.name).parent, iteration, stats)
 
-    def close(self) -> None:
+    def __enter__(self) -> TrainLog:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Close; the experiment trackers record how the run ended (an MLflow run ends FAILED/KILLED)."""
+        failed = kind is not None and not issubclass(kind, KeyboardInterrupt)
+        self.close("FAILED" if failed else "KILLED" if kind is not None else "FINISHED")
+
+    def close(self, status: str = "FINISHED") -> None:
         for sink in self.sinks:
-            sink.close()
+            sink.close(status)
         self.sinks = []
         if self.bar is not None:
             self.bar.close()

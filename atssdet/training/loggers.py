@@ -55,7 +55,7 @@ class Sink(Protocol):
     def params(self, params: dict[str, Any]) -> None: ...
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
     def image(self, step: int, tag: str, rgb: np.ndarray) -> None: ...
-    def close(self) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
 
 
 class TensorBoardSink:
@@ -81,7 +81,7 @@ class TensorBoardSink:
         self.writer.add_image(tag, rgb, step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self.writer.close()
 
 
@@ -122,8 +122,9 @@ class MLflowSink:
     def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
         self.client.log_image(self.run_id, rgb, f"{tag}/step_{step:08d}.png")
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run as ``FINISHED``, ``FAILED`` (training raised) or ``KILLED`` (interrupted)."""
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def open_sinks(options: LoggerOptions, out_dir: Path) -> list[Sink]:

@@ -20,7 +20,6 @@ ends the job with :class:`~atssdet.distributed.DistributedError` instead of a ha
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -180,7 +179,7 @@ def train(
     ))  # fmt: skip
     batches = iter(loader)
     val = (val_ann, val_images) if val_ann is not None and val_images is not None else None
-    with cudnn_autotuning(opts.cudnn_benchmark), contextlib.closing(log):
+    with cudnn_autotuning(opts.cudnn_benchmark), log:
         for iteration in range(start, end):
             t0 = time.perf_counter()
             batch, bad = next(batches)
