@@ -1,0 +1,215 @@
+"""Sliced inference: tile geometry, the merges (NMS, greedy NMM, boxes cut by tiles), batching, bad input.
+
+A "blob runner" stands in for the network on hand-made images: it reports every connected bright
+region of each input as a box, so the expected merged boxes are the drawn rectangles themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from atssdet.config import DEMO_PRESETS
+from atssdet.detector import Detector
+from atssdet.errors import OptionError
+from atssdet.options import InferenceOptions, SliceOptions
+from atssdet.slicing import (
+    cut_by_tile,
+    drop_cut_duplicates,
+    greedy_nmm,
+    pairwise_ios,
+    tile_starts,
+    tile_windows,
+)
+from atssdet.structures import Detections
+
+CFG = DEMO_PRESETS["atss_demo_cpu"]
+
+
+class BlobRunner:
+    """A Runner whose "model" boxes each connected region of bright red pixels; counts forwards."""
+
+    def __init__(self) -> None:
+        self.cfg = CFG
+        self.device = torch.device("cpu")
+        self.batches: list[int] = []
+
+    def detect(self, images, image_hw, orig_hw, options) -> list[Detections]:
+        self.batches.append(len(images))
+        out = []
+        for img, hw, ohw in zip(images, image_hw.tolist(), orig_hw.tolist(), strict=True):
+            h, w = int(hw[0]), int(hw[1])
+            mask = (img[2, :h, :w] > 128).numpy().astype(np.uint8)
+            n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+            st = torch.tensor(stats[1:, :4], dtype=torch.float32).reshape(-1, 4)
+            boxes = torch.cat((st[:, :2], st[:, :2] + st[:, 2:]), 1)
+            boxes *= torch.tensor([ohw[1] / w, ohw[0] / h] * 2)
+            scores = 0.5 + st[:, 2:].min(1).values / 1000  # bigger blobs score higher (a stable order)
+            out.append(Detections(boxes, scores, torch.zeros(n - 1, dtype=torch.long)))
+        return out
+
+    def dense(self, images, image_hw, orig_hw):
+        raise ValueError("blob runner: no dense outputs")
+
+
+def blob_image(h: int, w: int, rects: list[tuple[int, int, int, int]]) -> np.ndarray:
+    image = np.zeros((h, w, 3), np.uint8)
+    for x1, y1, x2, y2 in rects:
+        image[y1:y2, x1:x2, 2] = 255
+    return image
+
+
+def sliced(size=64, overlap=0.25, **kw) -> InferenceOptions:
+    return InferenceOptions(score_threshold=0.0, slicing=SliceOptions(size=size, overlap=overlap, **kw))
+
+
+def blob_detector() -> Detector:
+    return Detector(BlobRunner(), short_size=64, max_size=64)  # tiles run at their own size
+
+
+def test_tile_starts_end_at_the_border() -> None:
+    assert tile_starts(100, 40, 0.25).tolist() == [0, 30, 60]  # step 30; 60 + 40 = 100
+    assert tile_starts(101, 40, 0.25).tolist() == [0, 30, 60, 61]  # the last tile shifted back
+    assert tile_starts(40, 40, 0.5).tolist() == [0]
+    assert tile_starts(120, 40, 0.0).tolist() == [0, 40, 80]
+
+
+def test_tile_windows_cover_the_image_inside_it() -> None:
+    windows = tile_windows(150, 230, 64, 0.2)
+    assert windows.shape == (len(tile_starts(150, 64, 0.2)) * len(tile_starts(230, 64, 0.2)), 4)
+    assert bool(((windows[:, 2:] - windows[:, :2]) == 64).all())
+    covered = np.zeros((150, 230), bool)
+    for x1, y1, x2, y2 in windows.tolist():
+        assert 0 <= x1 < x2 <= 230 and 0 <= y1 < y2 <= 150
+        covered[y1:y2, x1:x2] = True
+    assert covered.all()
+
+
+def test_bad_slice_options_are_named() -> None:
+    with pytest.raises(OptionError, match=r"slice size 640 is larger than the 500x400 image"):
+        tile_windows(400, 500, 640, 0.2)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(OptionError, match="slice overlap"):
+            SliceOptions(size=64, overlap=bad)
+    with pytest.raises(OptionError, match="slice merge must be one of nms, nmm"):
+        SliceOptions(size=64, merge="wbf")
+    with pytest.raises(OptionError, match="slice size"):
+        SliceOptions(size=0)
+    with pytest.raises(OptionError, match="unknown field"):
+        InferenceOptions(slicing={"size": 64, "tile": 3})
+    assert InferenceOptions(slicing={"size": 64}).slicing == SliceOptions(size=64)
+
+
+def test_slice_larger_than_an_image_is_that_images_error() -> None:
+    det = blob_detector()
+    small, big = blob_image(40, 50, []), blob_image(100, 100, [(10, 10, 20, 20)])
+    a, b = det.predict([small, big], options=sliced())
+    assert a.error is not None and "<array 0>: slice size 64 is larger than the 50x40 image" in a.error
+    assert b.ok and b.boxes.tolist() == [[10.0, 10.0, 20.0, 20.0]]
+
+
+def _greedy_nmm_reference(boxes, scores, labels, thr):
+    """SAHI's greedy_nmm as a plain loop (the definition the tensor version must equal)."""
+    order = scores.argsort(descending=True, stable=True).tolist()
+    match = ((pairwise_ios(boxes, boxes) > thr) & (labels[:, None] == labels[None, :])).tolist()
+    visited, out = set(), []
+    for i in order:
+        if i in visited:
+            continue
+        visited.add(i)
+        group = [i] + [j for j in order if j not in visited and match[i][j]]
+        visited.update(group)
+        g = boxes[group]
+        out.append((g[:, :2].min(0).values.tolist() + g[:, 2:].max(0).values.tolist(), float(scores[i])))
+    return out
+
+
+def test_greedy_nmm_hand_cases_and_equals_the_greedy_loop() -> None:
+    boxes = torch.tensor([[0, 0, 12, 10], [8, 0, 20, 10], [8, 0, 20, 10], [50, 50, 60, 60]], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([0, 0, 1, 0])
+    b, s, lab = greedy_nmm(boxes, scores, labels, 0.3)  # IoS of the two halves: 40 / 120 = 0.33
+    assert b.tolist() == [[0, 0, 20, 10], [8, 0, 20, 10], [50, 50, 60, 60]]
+    assert s.tolist() == pytest.approx([0.9, 0.7, 0.6]) and lab.tolist() == [0, 1, 0]
+    # A chain a~b, b~c, not a~c: b joins a, so c (visited later) leads its own group.
+    chain = torch.tensor([[0, 0, 10, 10], [6, 0, 16, 10], [12, 0, 22, 10]], dtype=torch.float32)
+    b, s, _ = greedy_nmm(chain, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long), 0.3)
+    assert b.tolist() == [[0, 0, 16, 10], [12, 0, 22, 10]]
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, generator=gen) * 200
+    rnd = torch.cat((xy, xy + 5 + torch.rand(200, 2, generator=gen) * 40), 1)
+    rs, rl = torch.rand(200, generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    b, s, _ = greedy_nmm(rnd, rs, rl, 0.4)
+    ref = _greedy_nmm_reference(rnd, rs, rl, 0.4)
+    assert len(ref) < 160  # the case merges a lot
+    assert [(bb, pytest.approx(ss)) for bb, ss in ref] == list(zip(b.tolist(), s.tolist(), strict=True))
+
+
+def test_cut_boxes_are_dropped_only_when_a_whole_box_covers_them() -> None:
+    windows = torch.tensor([[0, 0, 64, 64], [48, 0, 112, 64], [0, 0, 64, 64]])
+    boxes = torch.tensor([[50, 10, 64, 20], [52, 10, 70, 20], [0, 30, 10, 40]], dtype=torch.float32)
+    cut = cut_by_tile(boxes, windows, (64, 112))
+    assert cut.tolist() == [True, False, False]  # x2 at the inner edge 64; x1 = 0 is the image border
+    keep = drop_cut_duplicates(boxes, torch.zeros(3, dtype=torch.long), cut, 0.5)
+    assert keep.tolist() == [False, True, True]
+    other_class = drop_cut_duplicates(boxes, torch.tensor([1, 0, 0]), cut, 0.5)
+    assert other_class.tolist() == [True, True, True]
+
+
+RECTS = [(5, 5, 17, 17), (40, 20, 54, 32), (90, 100, 102, 110), (140, 44, 152, 56), (60, 120, 72, 130)]
+
+
+@pytest.mark.parametrize("merge", ["nms", "nmm"])
+def test_sliced_detector_finds_each_object_once_in_few_forwards(merge: str) -> None:
+    det = blob_detector()
+    image = blob_image(160, 224, RECTS)  # several rects straddle the tile edges at 48, 64, 96, 112...
+    (result,) = det.predict([image], batch_size=4, options=sliced(merge=merge))
+    runner = det.runner
+    assert isinstance(runner, BlobRunner)
+    tiles = len(tile_windows(160, 224, 64, 0.25))
+    assert runner.batches == [4] * (tiles // 4) + ([tiles % 4] if tiles % 4 else [])  # batched, in order
+    got = sorted(tuple(b) for b in result.boxes.tolist())
+    assert got == sorted(tuple(float(v) for v in r) for r in RECTS)
+    assert result.image_hw == (160, 224) and result.labels.tolist() == [0] * len(RECTS)
+
+
+def test_nmm_joins_an_object_larger_than_the_overlap() -> None:
+    det = blob_detector()
+    image = blob_image(64, 112, [(20, 20, 100, 30)])  # 80 px wide, two tiles of 64 overlapping by 16
+    (nmm,) = det.predict([image], options=sliced(merge="nmm", merge_threshold=0.3))
+    assert nmm.boxes.tolist() == [[20.0, 20.0, 100.0, 30.0]]
+    (nms,) = det.predict([image], options=sliced(merge="nms"))
+    assert len(nms) == 2  # NMS keeps both cut halves (neither covers the other)
+
+
+def test_full_image_pass_and_tile_batch_option() -> None:
+    det = blob_detector()
+    image = blob_image(128, 128, [(30, 30, 100, 100)])  # 70 px object: no tile holds it whole
+    opts = sliced(full_image=True, batch_size=16)
+    (result,) = det.predict([image], options=opts)
+    runner = det.runner
+    assert isinstance(runner, BlobRunner)
+    assert runner.batches == [9, 1]  # 3x3 tiles in one forward, then the whole image
+    # the full-image box (uncut) is kept, the tiles' cut parts inside it are dropped
+    torch.testing.assert_close(result.boxes, torch.tensor([[30.0, 30.0, 100.0, 100.0]]), atol=1.0, rtol=0)
+
+
+def test_a_real_model_sees_one_forward_per_tile_batch() -> None:
+    from atssdet.modeling.atss import build_model
+
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    calls: list[int] = []
+    model.register_forward_hook(lambda m, args, out: calls.append(int(args[0].shape[0])))
+    det = Detector(model, device="cpu", short_size=64, max_size=64)
+    image = np.random.default_rng(0).integers(0, 255, (100, 180, 3), dtype=np.uint8)
+    opts = dataclasses.replace(sliced(), max_detections=5)
+    (result,) = det.predict([image], batch_size=3, options=opts)
+    tiles = len(tile_windows(100, 180, 64, 0.25))
+    assert calls == [3] * (tiles // 3) + ([tiles % 3] if tiles % 3 else [])
+    assert result.ok and len(result) <= 5
+    assert bool((result.boxes[:, 2] <= 180 + 1e-3).all() and (result.boxes[:, 3] <= 100 + 1e-3).all())
