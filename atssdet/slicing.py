@@ -223,6 +223,21 @@ def predict_sliced(
     )
 
 
+def detect_sliced(
+    detector: Detector,
+    image: np.ndarray,
+    options: InferenceOptions,
+    *,
+    source: str = "<image>",
+    batch_size: int | None = None,
+) -> Detections:
+    """:func:`predict_sliced`, but a slice larger than the image gives an error result (batch jobs go on)."""
+    try:
+        return predict_sliced(detector, image, options, source=source, batch_size=batch_size)
+    except OptionError as exc:
+        return detector._error_result(source, str(exc))
+
+
 def iter_predict_sliced(
     detector: Detector,
     images: Iterable[ImageInput],
@@ -239,11 +254,6 @@ def iter_predict_sliced(
             yield pending
             continue
         assert pending.image is not None
-        try:
-            result = predict_sliced(
-                detector, pending.image, options, source=pending.source, batch_size=batch_size
-            )
-        except OptionError as exc:
-            result = detector._error_result(pending.source, str(exc))
+        result = detect_sliced(detector, pending.image, options, source=pending.source, batch_size=batch_size)
         result.image = pending.image if pending.keep_image else None
         yield result

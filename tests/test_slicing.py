@@ -129,7 +129,9 @@ def _greedy_nmm_reference(boxes, scores, labels, thr):
 
 
 def test_greedy_nmm_hand_cases_and_equals_the_greedy_loop() -> None:
-    boxes = torch.tensor([[0, 0, 12, 10], [8, 0, 20, 10], [8, 0, 20, 10], [50, 50, 60, 60]], dtype=torch.float32)
+    boxes = torch.tensor(
+        [[0, 0, 12, 10], [8, 0, 20, 10], [8, 0, 20, 10], [50, 50, 60, 60]], dtype=torch.float32
+    )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     labels = torch.tensor([0, 0, 1, 0])
     b, s, lab = greedy_nmm(boxes, scores, labels, 0.3)  # IoS of the two halves: 40 / 120 = 0.33

@@ -11,8 +11,10 @@ from atssdet.cli.common import (
     add_model_flags,
     add_progress_flag,
     add_set_flag,
+    add_slice_flags,
     given,
     overrides,
+    slice_options,
 )
 
 
@@ -61,6 +63,7 @@ def add_parser(sub: SubParsers) -> None:
         "--workers", dest="num_workers", type=int, help="image reading threads per process (default 2)"
     )
     add_set_flag(p, "override a config field, e.g. test_image_short_size=640")
+    add_slice_flags(p)
     p.add_argument(
         "--dist-timeout", type=float, help="seconds before a stuck collective fails (default 1800)"
     )
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from atssdet.evaluation.checkpoints import evaluate_checkpoints
     from atssdet.evaluation.tables import format_per_class_table, format_stats, format_stats_table
 
+    slicing = slice_options(args)  # bad values fail before any work
     _check_outputs(args)
     results = evaluate_checkpoints(
         args.weights,
@@ -85,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         start_epoch=args.start_epoch,
         end_epoch=args.end_epoch,
         **given(args, "batch_size", "num_workers", "progress", "dist_timeout"),
+        slicing=slicing,
     )
     rows = []
     for result in results:
