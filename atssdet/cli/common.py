@@ -93,7 +93,8 @@ def slice_options(args: argparse.Namespace) -> Any:
     names = {"slice_overlap": "overlap", "slice_full_image": "full_image", "slice_merge": "merge"}
     extra = {field: getattr(args, flag) for flag, field in names.items() if hasattr(args, flag)}
     if not hasattr(args, "slice"):
-        if extra:
-            raise ValueError(f"--{next(iter(extra)).replace('_', '-')} needs --slice S")
+        flags = [f"--{flag.replace('_', '-')}" for flag in names if hasattr(args, flag)]
+        if flags:
+            raise ValueError(f"{flags[0]} needs --slice S")
         return None
     return SliceOptions(size=args.slice, **extra)
