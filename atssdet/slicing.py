@@ -119,6 +119,22 @@ def drop_cut_duplicates(
     return keep
 
 
+def _match_edges(boxes: Tensor, groups: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Pairs ``(i, j)``, ``i < j``, of boxes in the same group with IoS > ``threshold``, as two index
+    tensors. One ``[rows, K_g]`` matrix per group and chunk of rows (a loop over classes and chunks,
+    not over boxes), so the memory is bounded and boxes of different classes are never compared."""
+    heads, tails = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for g in torch.unique(groups).tolist():
+        idx = (groups == g).nonzero().flatten()
+        for start in range(0, len(idx), _PAIR_CHUNK):
+            rows = idx[start : start + _PAIR_CHUNK]
+            m = (pairwise_ios(boxes[rows], boxes[idx]) > threshold) & (idx[None, :] > rows[:, None])
+            r, c = m.nonzero(as_tuple=True)
+            heads.append(rows[r])
+            tails.append(idx[c])
+    return torch.cat(heads), torch.cat(tails)
+
+
 def greedy_nmm(
     boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float, agnostic: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -126,26 +142,31 @@ def greedy_nmm(
 
     Greedy NMM visits boxes by descending score; an unvisited box becomes a group leader and every
     unvisited box matching it (IoS > ``threshold``, same label unless ``agnostic``) joins its group.
-    The leaders are what greedy NMS on the match matrix keeps; they are found in rounds (a box no
-    surviving better box matches is a leader; boxes a leader matches are settled), a handful of
-    rounds for real detections rather than one step per box. Each box joins the first leader matching
-    it; a group becomes the union box with the leader's score and label. Returns leaders by score.
+    The leaders are what greedy NMS on the match graph keeps. They are found in rounds over the
+    graph's edges (a box that no surviving better box matches is a leader; the boxes a leader
+    matches are settled): a handful of rounds for real detections rather than one step per box.
+    Each box joins the first leader matching it; a group becomes the union box with the leader's
+    score and label. Returns the leaders by descending score.
     """
     n = len(boxes)
     if n == 0:
         return boxes, scores, labels
     order = scores.argsort(descending=True, stable=True)
     b, s, lab = boxes[order], scores[order], labels[order]
-    match = torch.triu(_matches(b, lab, b, lab, threshold, agnostic), diagonal=1)  # [i, j]: i before j
+    head, tail = _match_edges(b, torch.zeros_like(lab) if agnostic else lab, threshold)  # head ranks first
     leader = torch.zeros(n, dtype=torch.bool)
     open_ = torch.ones(n, dtype=torch.bool)
     while bool(open_.any()):
-        blocked = (match & (leader | open_)[:, None]).any(0)
+        blocked = torch.zeros(n, dtype=torch.bool)
+        blocked[tail[(leader | open_)[head]]] = True
         new = open_ & ~blocked
         leader |= new
-        open_ &= ~new & ~match[new].any(0)
-    joins = match & leader[:, None]
-    owner = torch.where(leader, torch.arange(n), joins.to(torch.uint8).argmax(0))  # first leader matching
+        settled = torch.zeros(n, dtype=torch.bool)
+        settled[tail[new[head]]] = True
+        open_ &= ~new & ~settled
+    joins = leader[head] & ~leader[tail]
+    owner = torch.full((n,), n, dtype=torch.long).scatter_reduce(0, tail[joins], head[joins], reduce="amin")
+    owner = torch.where(leader, torch.arange(n), owner)  # first (best) leader matching each member
     merged = torch.empty_like(b)
     for k, reduce in enumerate(("amin", "amin", "amax", "amax")):
         merged[:, k] = b[:, k].clone().scatter_reduce(0, owner, b[:, k], reduce=reduce, include_self=True)
