@@ -14,8 +14,8 @@ shifted back by their tile's origin and merged:
   more than ``merge_threshold`` of its area, the cut box is dropped (:func:`drop_cut_duplicates`).
 * **Duplicates** from overlapping tiles are then merged by ``"nms"`` (torchvision's batched NMS on IoU,
   keeps the best box) or ``"nmm"`` (:func:`greedy_nmm`: SAHI's greedy non-maximum merging on
-  intersection over the smaller box; the members of a group become their union box, so the two
-  halves of an object larger than the overlap become one box).
+  intersection over the smaller box; a group's cut members grow it to their union box, so the two
+  halves of an object larger than the overlap become one box, while whole boxes are only suppressed).
 
 Why not SAHI itself: ``sahi.predict.get_sliced_prediction`` runs one forward pass per tile and merges
 with Python loops over predictions (``ObjectPrediction`` objects, shapely polygons); here tiles are
@@ -136,7 +136,12 @@ def _match_edges(boxes: Tensor, groups: Tensor, threshold: float) -> tuple[Tenso
 
 
 def greedy_nmm(
-    boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float, agnostic: bool = False
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    threshold: float,
+    agnostic: bool = False,
+    extend: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SAHI's greedy non-maximum merging, exact, with tensor operations instead of a loop over boxes.
 
@@ -146,7 +151,8 @@ def greedy_nmm(
     graph's edges (a box that no surviving better box matches is a leader; the boxes a leader
     matches are settled): a handful of rounds for real detections rather than one step per box.
     Each box joins the first leader matching it; a group becomes the union box with the leader's
-    score and label. Returns the leaders by descending score.
+    score and label. ``extend`` (``[K]`` bool, default all) says which members may grow their group's
+    box; the others are only suppressed, as by NMS. Returns the leaders by descending score.
     """
     n = len(boxes)
     if n == 0:
@@ -167,10 +173,12 @@ def greedy_nmm(
     joins = leader[head] & ~leader[tail]
     owner = torch.full((n,), n, dtype=torch.long).scatter_reduce(0, tail[joins], head[joins], reduce="amin")
     owner = torch.where(leader, torch.arange(n), owner)  # first (best) leader matching each member
-    merged = torch.empty_like(b)
+    if extend is not None:  # members that may not grow a box go to a spare row n
+        owner = torch.where(leader | extend[order], owner, n)
+    merged = torch.cat((b, b[:1]))
     for k, reduce in enumerate(("amin", "amin", "amax", "amax")):
-        merged[:, k] = b[:, k].clone().scatter_reduce(0, owner, b[:, k], reduce=reduce, include_self=True)
-    return merged[leader], s[leader], lab[leader]
+        merged[:, k] = merged[:, k].scatter_reduce(0, owner, b[:, k], reduce=reduce, include_self=True)
+    return merged[:n][leader], s[leader], lab[leader]
 
 
 def merge_detections(
@@ -184,7 +192,11 @@ def merge_detections(
     keep = drop_cut_duplicates(boxes, labels, cut, sl.merge_threshold, agnostic)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     if sl.merge == "nmm":
-        boxes, scores, labels = greedy_nmm(boxes, scores, labels, sl.merge_threshold, agnostic)
+        # Only boxes cut by a tile border grow a merged box (the parts of one object); a whole box
+        # matching a better one is dropped: a loose low-score box around several small objects would
+        # otherwise swallow them (the threshold of 0.05 that COCO evaluation needs keeps such boxes).
+        cut = cut[keep]
+        boxes, scores, labels = greedy_nmm(boxes, scores, labels, sl.merge_threshold, agnostic, extend=cut)
     else:
         idx = batched_nms(boxes, scores, torch.zeros_like(labels) if agnostic else labels, sl.merge_threshold)
         boxes, scores, labels = boxes[idx], scores[idx], labels[idx]

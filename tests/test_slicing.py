@@ -104,6 +104,11 @@ def test_greedy_nmm_hand_cases_and_equals_the_greedy_loop() -> None:
     chain = torch.tensor([[0, 0, 10, 10], [6, 0, 16, 10], [12, 0, 22, 10]], dtype=torch.float32)
     b, s, _ = greedy_nmm(chain, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long), 0.3)
     assert b.tolist() == [[0, 0, 16, 10], [12, 0, 22, 10]]
+    # extend: only the marked members grow the box; a loose whole box is just suppressed.
+    loose = torch.tensor([[10, 10, 20, 20], [0, 0, 100, 100], [18, 10, 30, 20]], dtype=torch.float32)
+    b, _, _ = greedy_nmm(loose, torch.tensor([0.9, 0.2, 0.5]), torch.zeros(3, dtype=torch.long), 0.1,
+                         extend=torch.tensor([False, False, True]))  # fmt: skip
+    assert b.tolist() == [[10, 10, 30, 20]]
     gen = torch.Generator().manual_seed(0)
     xy = torch.rand(200, 2, generator=gen) * 200
     rnd = torch.cat((xy, xy + 5 + torch.rand(200, 2, generator=gen) * 40), 1)
