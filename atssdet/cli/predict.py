@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     videos = [f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
     if videos and args.coco:
         raise ValueError(f"--coco is for images; {videos[0]} is a video (videos write JSON lines per frame)")
+    if hasattr(args, "track") and not videos:
+        raise ValueError("--track is for videos; no video among the inputs")
     readable = _check_outputs(args, files, videos)  # before the model loads; unopenable videos are skipped
     loading = given(args, "device", "short_size", "max_size", "numerics")
     if args.weights is not None:
