@@ -138,7 +138,9 @@ def mean_ap(args: argparse.Namespace) -> None:
             report = evaluate(det, data.ann_file, data.images, options=opts, progress=False, num_workers=1)
             per_image = (time.perf_counter() - start) / args.images
             s = report.stats
-            print(f"| {name} | {s['AP']:.3f} | {s['AP50']:.3f} | {s['AP75']:.3f} | {s['APs']:.3f} | {per_image:.2f} |")
+            print(
+                f"| {name} | {s['AP']:.3f} | {s['AP50']:.3f} | {s['AP75']:.3f} | {s['APs']:.3f} | {per_image:.2f} |"
+            )
 
 
 def main() -> None:
