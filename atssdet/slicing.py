@@ -271,6 +271,14 @@ def detect_sliced(
         return detector._error_result(source, str(exc))
 
 
+def detect_sliced_many(
+    detector: Detector, images: list[np.ndarray], options: InferenceOptions, sources: list[str] | None
+) -> list[Detections]:
+    """:func:`detect_sliced` on each image (evaluation's batches); ``sources`` default ``"<image i>"``."""
+    names = sources or [f"<image {i}>" for i in range(len(images))]
+    return [detect_sliced(detector, im, options, source=n) for im, n in zip(images, names, strict=True)]
+
+
 def iter_predict_sliced(
     detector: Detector,
     images: Iterable[ImageInput],

@@ -111,14 +111,10 @@ class ModelRunner:
     ) -> list[Detections]:
         """One :class:`Detections` per resized image, boxes in original ``(height, width)`` pixels; an
         image whose forward pass runs out of memory gets an error result naming its ``sources`` entry."""
-        if self.options.slicing is not None:
-            from atssdet.slicing import detect_sliced
+        if self.options.slicing is not None:  # ``resized`` are the originals (see preprocess)
+            from atssdet.slicing import detect_sliced_many
 
-            names = sources or [f"<image {i}>" for i in range(len(resized))]
-            return [
-                detect_sliced(self.detector, im, self.options, source=n)
-                for im, n in zip(resized, names, strict=True)
-            ]
+            return detect_sliced_many(self.detector, resized, self.options, sources)
         return self.detector.detect_resized(resized, orig_hw, options=self.options, sources=sources)
 
 
