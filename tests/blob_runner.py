@@ -17,12 +17,16 @@ CFG = DEMO_PRESETS["atss_demo_cpu"]
 
 
 class BlobRunner:
-    """A Runner whose "model" boxes each connected region of bright red pixels; counts forwards."""
+    """A Runner whose "model" boxes each connected region of bright red pixels; counts forwards.
 
-    def __init__(self) -> None:
+    ``min_side``: regions narrower than this in the model's input are missed, like a real detector's
+    smallest detectable object."""
+
+    def __init__(self, min_side: int = 1) -> None:
         self.cfg = CFG
         self.device = torch.device("cpu")
         self.batches: list[int] = []
+        self.min_side = min_side
 
     def detect(self, images, image_hw, orig_hw, options) -> list[Detections]:
         self.batches.append(len(images))
@@ -32,10 +36,11 @@ class BlobRunner:
             mask = (img[2, :h, :w] > 128).numpy().astype(np.uint8)
             n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
             st = torch.tensor(stats[1:, :4], dtype=torch.float32).reshape(-1, 4)
+            st = st[st[:, 2:].min(1).values >= self.min_side]
             boxes = torch.cat((st[:, :2], st[:, :2] + st[:, 2:]), 1)
             boxes *= torch.tensor([ohw[1] / w, ohw[0] / h] * 2)
             scores = 0.5 + st[:, 2:].min(1).values / 1000  # bigger blobs score higher (a stable order)
-            out.append(Detections(boxes, scores, torch.zeros(n - 1, dtype=torch.long)))
+            out.append(Detections(boxes, scores, torch.zeros(len(st), dtype=torch.long)))
         return out
 
     def dense(self, images, image_hw, orig_hw):

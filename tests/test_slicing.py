@@ -183,3 +183,44 @@ def test_a_real_model_sees_one_forward_per_tile_batch() -> None:
     assert calls == [3] * (tiles // 3) + ([tiles % 3] if tiles % 3 else [])
     assert result.ok and len(result) <= 5
     assert bool((result.boxes[:, 2] <= 180 + 1e-3).all() and (result.boxes[:, 3] <= 100 + 1e-3).all())
+
+
+def test_slicing_raises_map_where_whole_images_lose_small_objects(tmp_path) -> None:
+    """A detector that misses anything under 6 px: resized whole (256 -> 64 px) 10 px squares
+    become 2.5 px and vanish; 64 px tiles keep them at 10 px. mAP through the evaluation path."""
+    import json
+
+    import cv2
+
+    from atssdet.evaluation import evaluate
+
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    (tmp_path / "img").mkdir()
+    for i in range(2):
+        cells = rng.choice(64, size=12, replace=False)
+        rects = [
+            (int(c % 8) * 32 + 8, int(c // 8) * 32 + 8, int(c % 8) * 32 + 18, int(c // 8) * 32 + 18)
+            for c in cells
+        ]
+        cv2.imwrite(str(tmp_path / "img" / f"{i}.png"), blob_image(256, 256, rects))
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": 256, "width": 256})
+        anns += [
+            {
+                "id": len(anns) + k + 1,
+                "image_id": i + 1,
+                "category_id": 1,
+                "bbox": [x1, y1, 10, 10],
+                "area": 100,
+                "iscrowd": 0,
+            }
+            for k, (x1, y1, _, _) in enumerate(rects)
+        ]
+    cats = [{"id": k + 1, "name": n} for k, n in enumerate(CFG.class_names)]
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    det = Detector(BlobRunner(min_side=6), short_size=64, max_size=64)
+    base = InferenceOptions(score_threshold=0.0)
+    whole = evaluate(det, ann_file, tmp_path / "img", options=base, progress=False, num_workers=1)
+    tiles = evaluate(det, ann_file, tmp_path / "img", options=sliced(), progress=False, num_workers=1)
+    assert whole.stats["AP"] < 0.05 and tiles.stats["AP"] > 0.9, (whole.stats["AP"], tiles.stats["AP"])
