@@ -11,10 +11,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-pinned.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -r requirements-pinned.txt
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -e ".[dev,export,serve,formats,loggers]"
-	# tidecv (the TIDE reference, tests/test_analysis.py only) declares the non-headless opencv-python,
-	# which would clobber cv2: installed without its dependencies, then the ones it needs to import.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps tidecv==1.0.1 appdirs==1.4.4
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -e ".[dev,export,serve,formats,loggers,tracking,sahi]"
+	# tidecv (the TIDE reference, tests/test_analysis.py only), trackers and sahi declare the non-headless
+	# opencv-python, which would clobber cv2: installed without their dependencies; the ones they need to
+	# import are the extras above (trackers, sahi) and the line after (tidecv).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps tidecv==1.0.1 appdirs==1.4.4 "trackers>=2.6" "sahi>=0.12"
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt pandas seaborn
 	touch $@
 

@@ -211,12 +211,19 @@ class Detector:
         *before* the NMS, so each object keeps the single best box of either view. Array inputs are
         kept on the result (``result.image``) for drawing; file inputs are too when ``keep_images``.
         Boxes etc. are CPU tensors. ``batch_size`` (images per forward pass) defaults to
-        :meth:`default_batch_size`.
+        :meth:`default_batch_size`. ``options.slicing`` runs each image as overlapping tiles, batched
+        (``batch_size`` tiles per forward unless the SliceOptions say), merged back (:mod:`atssdet.slicing`).
         """
-        batch_size = validate.count(
-            "batch_size", self.default_batch_size() if batch_size is None else batch_size
-        )
+        given_batch = None if batch_size is None else validate.count("batch_size", batch_size)
+        batch_size = self.default_batch_size() if given_batch is None else given_batch
         opts = self._checked(options)
+        if opts.slicing is not None:  # tiles of one image at a time, batched (atssdet.slicing)
+            from atssdet.slicing import iter_predict_sliced
+
+            yield from iter_predict_sliced(
+                self, images, opts, batch_size=given_batch, keep_images=keep_images
+            )
+            return
         # Images wait in per-size buckets until one is full; results are released in input order.
         max_pending = 4 * batch_size
         buckets: dict[tuple[int, int], list[_Pending]] = {}

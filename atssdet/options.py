@@ -21,6 +21,44 @@ if TYPE_CHECKING:
     from atssdet.config import ATSSConfig
 
 
+SLICE_MERGES = ("nms", "nmm")  # how sliced detections are merged (see atssdet.slicing)
+
+
+@dataclass(frozen=True)
+class SliceOptions:
+    """Sliced inference (:mod:`atssdet.slicing`): square tiles through the model, merged back.
+
+    Attributes:
+        size: tile side in original pixels (tiles larger than the image are refused per image).
+        overlap: fraction of ``size`` that neighbouring tiles share, in ``[0, 1)``.
+        full_image: also run the whole (resized) image and merge its detections with the tiles'.
+        merge: ``"nms"`` (keep the best box, IoU) or ``"nmm"`` (SAHI's greedy non-maximum merging:
+            boxes matching the best one by intersection over the smaller box are merged into their union).
+        merge_threshold: the IoU (nms) or IoS (nmm) above which two boxes of a class are one object.
+        batch_size: tiles per forward pass (None: 8).
+    """
+
+    size: int
+    overlap: float = 0.2
+    full_image: bool = False
+    merge: str = "nms"
+    merge_threshold: float = 0.5
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        validate.image_side("slice size", self.size)
+        object.__setattr__(self, "overlap", validate.fraction("slice overlap", self.overlap))
+        if self.overlap >= 1.0:
+            raise OptionError(f"slice overlap must be in [0, 1) (tiles must advance), got {self.overlap!r}")
+        if not isinstance(self.full_image, bool):
+            raise OptionError(f"slice full_image must be True or False, got {self.full_image!r}")
+        if self.merge not in SLICE_MERGES:
+            raise OptionError(f"slice merge must be one of {', '.join(SLICE_MERGES)}, got {self.merge!r}")
+        validate.fraction("slice merge_threshold", self.merge_threshold)
+        if self.batch_size is not None:
+            validate.count("slice batch_size", self.batch_size)
+
+
 @dataclass(frozen=True)
 class InferenceOptions:
     """Test-time post-processing of one request/job (MegEngine's defaults).
@@ -33,6 +71,7 @@ class InferenceOptions:
         classes: keep only these label ids (0..C-1); ``None`` keeps every class. Names are resolved
             to ids with :func:`parse_classes` against the model's class names.
         flip_tta: also run the horizontally flipped image and merge both before NMS.
+        slicing: sliced inference (:class:`SliceOptions`; a dict of its fields is accepted); None: off.
     """
 
     score_threshold: float = 0.05
@@ -41,8 +80,23 @@ class InferenceOptions:
     class_agnostic: bool = False
     classes: tuple[int, ...] | None = None
     flip_tta: bool = False
+    slicing: SliceOptions | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.slicing, dict):
+            names = {f.name for f in dataclasses.fields(SliceOptions)}
+            unknown = sorted(set(self.slicing) - names)
+            if unknown or "size" not in self.slicing:
+                raise OptionError(
+                    f"slicing: unknown field(s) {', '.join(unknown)}"
+                    if unknown
+                    else "slicing: size is required"
+                )
+            object.__setattr__(self, "slicing", SliceOptions(**self.slicing))
+        elif self.slicing is not None and not isinstance(self.slicing, SliceOptions):
+            raise OptionError(
+                f"slicing must be SliceOptions, a dict of its fields or None, got {self.slicing!r}"
+            )
         for name in ("score_threshold", "nms_threshold"):
             object.__setattr__(self, name, validate.fraction(name, getattr(self, name)))
         validate.count("max_detections", self.max_detections)

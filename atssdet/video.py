@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,6 +21,8 @@ from atssdet.fileio import atomic_path
 from atssdet.guard import OutputGuard
 from atssdet.options import InferenceOptions
 from atssdet.predict import COMMAND
+from atssdet.structures import Detections
+from atssdet.tracking import Tracker, check_tracker, draw_track_ids
 
 # Inputs routed to :func:`predict_video` by ``atssdet predict`` (any container OpenCV's FFmpeg reads).
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -48,6 +51,8 @@ def predict_video(
     draw_threshold: float | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    track: str | None = None,
+    tracker_options: dict[str, Any] | None = None,
 ) -> VideoReport:
     """Detect objects in every frame of a video and write the results into ``out_dir``, atomically.
 
@@ -60,10 +65,16 @@ def predict_video(
     video is done; a video that cannot be opened or has no decodable frame raises ValueError naming it.
     Existing files of those names that ``predict`` did not write are refused (:class:`~atssdet.guard.
     OutputError`) before the first frame, unless ``overwrite``.
+
+    ``track`` (``"bytetrack"`` or ``"botsort"``, :mod:`atssdet.tracking`) follows objects across
+    frames: each detection of the JSON lines gets a ``track_id`` (-1: not in a confirmed track) and
+    the video shows ``#id`` in each tracked box; ``tracker_options`` go to the tracker.
     """
     from tqdm import tqdm
 
     source = Path(path)
+    if track is not None:
+        check_tracker(track)  # a bad name fails before the video is opened
     capture, fps, total = _open(source)
     threshold = visualize.DRAW_SCORE_THRESHOLD if draw_threshold is None else draw_threshold
     video_out, jsonl_out = _output_paths(source, Path(out_dir))
@@ -71,6 +82,7 @@ def predict_video(
         OutputGuard(COMMAND, inputs=[source], overwrite=overwrite).check(
             [jsonl_out, video_out] if draw else [jsonl_out]
         )
+        tracker = None if track is None else Tracker(track, fps=fps, options=tracker_options)
     except BaseException:
         capture.release()
         raise
@@ -87,10 +99,13 @@ def predict_video(
             lines = stack.enter_context(open(tmp_jsonl, "w", encoding="utf-8"))
             bar = stack.enter_context(tqdm(total=total, unit="frame", desc=source.name, disable=not progress))
             for result in results:
+                ids = None if tracker is None else tracker.update(result, result.image)
                 if tmp_video is not None:
-                    writer.write(tmp_video, visualize.draw(result, score_threshold=threshold))
+                    writer.write(tmp_video, _drawn(result, threshold, ids))
                 record = result.to_dict()
                 del record["source"], record["error"]
+                for item, tid in zip(record["detections"], [] if ids is None else ids.tolist(), strict=False):
+                    item["track_id"] = tid
                 lines.write(json.dumps({"frame": count, "time_s": round(count / fps, 6), **record}) + "\n")
                 result.image = None
                 count += 1
@@ -109,6 +124,15 @@ def predict_video(
         fps=fps,
         seconds=time.perf_counter() - start,
     )
+
+
+def _drawn(result: Detections, threshold: float, ids: np.ndarray | None) -> np.ndarray:
+    """The frame with its detections drawn (and ``#id`` in the tracked ones)."""
+    canvas = visualize.draw(result, score_threshold=threshold)
+    if ids is not None:
+        shown = (result.scores >= threshold).numpy()
+        draw_track_ids(canvas, result.boxes.numpy()[shown], ids[shown])
+    return canvas
 
 
 def plan_video(

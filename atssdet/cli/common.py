@@ -70,3 +70,31 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     from atssdet.config import parse_set_option
 
     return dict(parse_set_option(item) for item in args.set)
+
+
+def add_slice_flags(p: argparse.ArgumentParser) -> None:
+    """``--slice S [--slice-overlap F] [--slice-full-image] [--slice-merge nms|nmm]`` (atssdet.slicing)."""
+    p.add_argument(
+        "--slice", type=int, metavar="S", help="sliced inference: S x S tiles (original pixels), batched"
+    )
+    p.add_argument("--slice-overlap", type=float, metavar="F", help="tile overlap in [0, 1) (default 0.2)")
+    p.add_argument(
+        "--slice-full-image", action="store_true", help="also run the whole image and merge it with the tiles"
+    )
+    p.add_argument(
+        "--slice-merge", choices=["nms", "nmm"], help="merge tiles by NMS or SAHI's greedy NMM (default nms)"
+    )
+
+
+def slice_options(args: argparse.Namespace) -> Any:
+    """The :class:`~atssdet.options.SliceOptions` of the ``--slice*`` flags (validated), or None."""
+    from atssdet.options import SliceOptions
+
+    names = {"slice_overlap": "overlap", "slice_full_image": "full_image", "slice_merge": "merge"}
+    extra = {field: getattr(args, flag) for flag, field in names.items() if hasattr(args, flag)}
+    if not hasattr(args, "slice"):
+        flags = [f"--{flag.replace('_', '-')}" for flag in names if hasattr(args, flag)]
+        if flags:
+            raise ValueError(f"{flags[0]} needs --slice S")
+        return None
+    return SliceOptions(size=args.slice, **extra)

@@ -12,8 +12,10 @@ from atssdet.cli.common import (
     add_model_flags,
     add_progress_flag,
     add_set_flag,
+    add_slice_flags,
     given,
     overrides,
+    slice_options,
 )
 from atssdet.cli.data import add_data_format_flag
 
@@ -75,6 +77,7 @@ def add_parser(sub: SubParsers) -> None:
         "--workers", dest="num_workers", type=int, help="image reading threads per process (default 2)"
     )
     add_set_flag(p, "override a config field, e.g. test_image_short_size=640")
+    add_slice_flags(p)
     p.add_argument(
         "--dist-timeout", type=float, help="seconds before a stuck collective fails (default 1800)"
     )
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from atssdet.evaluation.checkpoints import evaluate_checkpoints
     from atssdet.evaluation.tables import format_per_class_table, format_stats, format_stats_table
 
+    slicing = slice_options(args)  # bad values fail before any work
     _check_outputs(args)
     resolved = resolve_split(args.data, data_format=getattr(args, "data_format", None), split=args.split,
                              images=args.images, default_splits=("val2017", "val"))  # fmt: skip
@@ -122,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         start_epoch=args.start_epoch,
         end_epoch=args.end_epoch,
         **given(args, "batch_size", "num_workers", "progress", "dist_timeout"),
+        slicing=slicing,
     )
     rows = []
     done = []

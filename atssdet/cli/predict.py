@@ -14,7 +14,9 @@ from atssdet.cli.common import (
     add_device_flag,
     add_model_flags,
     add_progress_flag,
+    add_slice_flags,
     given,
+    slice_options,
 )
 
 # Flags that become InferenceOptions fields (same names); --classes is parsed against the model's names.
@@ -64,6 +66,8 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument(
         "--flip-tta", action="store_true", help="add a horizontally flipped pass (merged before NMS)"
     )
+    add_slice_flags(p)
+    p.add_argument("--track", metavar="NAME", help="videos: track objects across frames (bytetrack, botsort)")
     p.add_argument("--draw-threshold", type=float, metavar="T", help="draw boxes scoring >= T (default 0.3)")
     p.add_argument(
         "--no-draw", dest="draw", action="store_false", help="write only the JSON, no drawn images"
@@ -97,7 +101,12 @@ def run(args: argparse.Namespace) -> int:
     from atssdet.options import InferenceOptions, parse_classes
 
     changes = given(args, *_OPTIONS)
+    changes["slicing"] = slice_options(args)
     InferenceOptions(**changes)  # bad values fail here, before a model is loaded
+    if hasattr(args, "track"):
+        from atssdet.tracking import check_tracker
+
+        check_tracker(args.track)
     from atssdet.detector import Detector
     from atssdet.predict import expand_inputs, predict_files
     from atssdet.video import VIDEO_SUFFIXES
@@ -112,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     videos = [f for f in files if Path(f).suffix.lower() in VIDEO_SUFFIXES]
     if videos and args.coco:
         raise ValueError(f"--coco is for images; {videos[0]} is a video (videos write JSON lines per frame)")
+    if hasattr(args, "track") and not videos:
+        raise ValueError("--track is for videos; no video among the inputs")
     readable = _check_outputs(args, files, videos)  # before the model loads; unopenable videos are skipped
     loading = given(args, "device", "short_size", "max_size", "numerics")
     if args.weights is not None:
@@ -125,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         "options": detector.options.replace(**changes, classes=classes),
         **given(args, "batch_size", "draw", "draw_threshold", "progress", "overwrite"),
     }
-    done = _predict_videos(readable, options)
+    done = _predict_videos(readable, {**options, **({"track": args.track} if hasattr(args, "track") else {})})
     if videos:
         for _, reason in unexpanded:
             print(f"atssdet predict: skipped {reason}", file=sys.stderr)

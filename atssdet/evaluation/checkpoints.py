@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atssdet import distributed
 from atssdet.evaluation.loop import evaluate
 from atssdet.evaluation.report import EvalReport
 from atssdet.evaluation.tables import checkpoint_label, expand_checkpoints
+
+if TYPE_CHECKING:
+    from atssdet.options import SliceOptions
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ def evaluate_checkpoints(
     num_workers: int = 2,
     progress: bool = True,
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
+    slicing: SliceOptions | None = None,
 ) -> Iterator[CheckpointResult]:
     """:func:`~atssdet.evaluation.loop.evaluate` on each checkpoint; ``out``'s ``{name}`` is its label.
 
@@ -72,6 +76,7 @@ def evaluate_checkpoints(
     the zoo's pretrained ``model``. ``model`` names the architecture of files without a config
     (``.pkl``). ``overrides`` replace config fields (not for ``.onnx`` files). Under ``torchrun``
     every rank must iterate; the images of each checkpoint are sharded across the ranks.
+    ``slicing``: sliced inference (:mod:`atssdet.slicing`) with the config's test options.
     """
     from atssdet.detector import Detector
     from atssdet.loader import load_runner
@@ -82,13 +87,15 @@ def evaluate_checkpoints(
     try:
         for label, path in runs:
             runner = load_runner(model, weights=path, overrides=overrides or None, device=dev)
+            detector = Detector(runner)
             report = evaluate(
-                Detector(runner),
+                detector,
                 ann_file,
                 image_dir,
                 device=dev,
                 out=out.replace("{name}", label),
                 batch_size=batch_size,
+                options=detector.options.replace(slicing=slicing),
                 num_workers=num_workers,
                 progress=progress,
                 extra_metrics={"checkpoint": path, "model": model, "name": label},

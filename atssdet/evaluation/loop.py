@@ -90,7 +90,10 @@ class ModelRunner:
         self.options = options if options is not None else self.detector.options
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """BGR uint8 ``[H, W, 3]`` -> resized ``[h, w, 3]`` (MegEngine's ``cv2.resize`` INTER_LINEAR)."""
+        """BGR uint8 ``[H, W, 3]`` -> resized ``[h, w, 3]`` (MegEngine's ``cv2.resize`` INTER_LINEAR);
+        with ``options.slicing`` the image itself (tiles are cut from it, :mod:`atssdet.slicing`)."""
+        if self.options.slicing is not None:
+            return image
         from atssdet.data.transforms import resize_shortest_edge
 
         return resize_shortest_edge(image, self.detector.short_size, self.detector.max_size)
@@ -99,6 +102,8 @@ class ModelRunner:
         """The model's input size ``(h, w)`` for an original ``height x width`` image (before padding)."""
         from atssdet.data.transforms import get_hw_by_short_size
 
+        if self.options.slicing is not None:
+            return height, width
         return get_hw_by_short_size(height, width, self.detector.short_size, self.detector.max_size)
 
     def run(
@@ -106,6 +111,10 @@ class ModelRunner:
     ) -> list[Detections]:
         """One :class:`Detections` per resized image, boxes in original ``(height, width)`` pixels; an
         image whose forward pass runs out of memory gets an error result naming its ``sources`` entry."""
+        if self.options.slicing is not None:  # ``resized`` are the originals (see preprocess)
+            from atssdet.slicing import detect_sliced_many
+
+            return detect_sliced_many(self.detector, resized, self.options, sources)
         return self.detector.detect_resized(resized, orig_hw, options=self.options, sources=sources)
 
 

@@ -39,6 +39,7 @@ from atssdet.serve.checks import (
     BodyLimit,
     PixelBudget,
     busy,
+    check_slice_fits,
     decode_upload,
     request_options,
     upload_pixels,
@@ -286,6 +287,8 @@ async def detect(
     class_agnostic_query: Annotated[
         bool | None, Query(alias="class_agnostic", description=_AGNOSTIC_HELP)
     ] = None,
+    slice_size: Annotated[int | None, Query(alias="slice", description="sliced inference: tile side")] = None,
+    slice_overlap: Annotated[float | None, Query(description="tile overlap in [0, 1) (0.2)")] = None,
 ) -> DetectResponse:
     """Detect objects in one uploaded image. Options may come as form fields or query parameters
     (form wins); defaults: the model's score threshold, all classes, per-class NMS."""
@@ -298,6 +301,8 @@ async def detect(
         score_threshold=_first(score_threshold, score_threshold_query),
         classes=_first(classes, classes_query),
         class_agnostic=_first(class_agnostic, class_agnostic_query),
+        slice_size=slice_size,
+        slice_overlap=slice_overlap,
     )
     filename = file.filename or "upload"
     data = await file.read()
@@ -306,6 +311,7 @@ async def detect(
     try:
         image = await run_in_threadpool(decode_upload, data, filename=filename)
         reservation.resize(image.shape[0] * image.shape[1])
+        check_slice_fits(options, image.shape[0], image.shape[1], filename)
         t1 = time.perf_counter()
         result = await _infer(batcher, image, options, filename)
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -27,7 +28,7 @@ from atssdet.data.image_io import (
     max_image_pixels,
     sniff_format,
 )
-from atssdet.options import InferenceOptions, OptionError, parse_classes
+from atssdet.options import InferenceOptions, OptionError, SliceOptions, parse_classes
 
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait
 
@@ -76,20 +77,45 @@ def request_options(
     score_threshold: float | None = None,
     classes: str | None = None,
     class_agnostic: bool | None = None,
+    slice_size: int | None = None,
+    slice_overlap: float | None = None,
 ) -> InferenceOptions:
     """``defaults`` with the request's options (None = keep the default); :class:`ApiError` 422 if invalid.
 
     ``classes``: comma-separated class names (case-insensitive) or label ids 0..C-1 of
     ``class_names``; None or blank keeps every class. The message names the option.
+    ``slice_size`` (with ``slice_overlap``, default 0.2) turns on sliced inference (:mod:`atssdet.slicing`).
     """
     try:
         ids = parse_classes(classes, class_names)
     except OptionError as exc:  # its message names the entry; say which field held it
         raise ApiError(422, f"classes: {exc}") from None
     try:
-        return defaults.replace(score_threshold=score_threshold, classes=ids, class_agnostic=class_agnostic)
+        if slice_size is None and slice_overlap is not None:
+            raise OptionError("slice_overlap needs slice (the tile size)")
+        slicing = (
+            None if slice_size is None else SliceOptions(size=slice_size, overlap=_first(slice_overlap, 0.2))
+        )
+        return defaults.replace(
+            score_threshold=score_threshold, classes=ids, class_agnostic=class_agnostic, slicing=slicing
+        )
     except OptionError as exc:
         raise ApiError(422, str(exc)) from None
+
+
+def check_slice_fits(options: InferenceOptions, height: int, width: int, filename: str) -> None:
+    """:class:`ApiError` 422 when the request's slice size is larger than its image."""
+    if options.slicing is not None:
+        from atssdet.slicing import tile_windows
+
+        try:
+            tile_windows(height, width, options.slicing.size, options.slicing.overlap)
+        except OptionError as exc:
+            raise ApiError(422, f"{filename}: {exc}") from None
+
+
+def _first(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def upload_pixels(data: bytes) -> int:

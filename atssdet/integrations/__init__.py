@@ -1,0 +1,1 @@
+"""Adapters that plug atssdet into other libraries (optional dependencies, imported on use)."""
