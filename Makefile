@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml requirements-pinned.txt
 	# tidecv (the TIDE reference, tests/test_analysis.py only), trackers and sahi declare the non-headless
 	# opencv-python, which would clobber cv2: installed without their dependencies; the ones they need to
 	# import are the extras above (trackers, sahi) and the line after (tidecv).
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps tidecv==1.0.1 appdirs==1.4.4 "trackers>=2.6" "sahi>=0.12"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps tidecv==1.0.1 appdirs==1.4.4 trackers==2.6.1 sahi==0.12.8
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt pandas seaborn
 	touch $@
 
