@@ -113,7 +113,7 @@ def predict_files(
     todo = [i for i in distributed.shard(list(range(len(keys))), rank=world[0], world_size=world[1])]
     skipped = [i for i in todo if keys[i] in done]
     todo = [i for i in todo if keys[i] not in done]
-    report = PredictReport(out_dir=out, failed=list(plan.failed), skipped=len(skipped))
+    report = PredictReport(out_dir=out, failed=list(plan.failed), skipped=len(skipped), drew=draw)
     start = time.perf_counter()
     results = _results(engine, detector, plan.files, todo, batch_size, options, draw, workers, ray)
     with (
@@ -323,6 +323,7 @@ class PredictReport:
     skipped: int = 0  # images the stream already held (a resumed job)
     num_ok: int = 0
     num_detections: int = 0
+    drew: bool = True
 
     MAX_ROWS = 50  # rows kept for the table: memory stays flat over any number of images
 
@@ -358,7 +359,8 @@ class PredictReport:
             + (f"; {self.skipped} already recorded, skipped" if self.skipped else "")
         )
         if self.json_path is not None:
-            lines.append(f"wrote {self.json_path} and drawings to {self.out_dir}")
+            drawings = f" and drawings to {self.out_dir}" if self.drew else ""
+            lines.append(f"wrote {self.json_path}{drawings}")
         return "\n".join(lines)
 
 

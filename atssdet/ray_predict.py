@@ -2,8 +2,9 @@
 
 Ray Data's documented recipe for batch inference of a PyTorch model: a CPU stage that decodes and
 resizes (``map_batches`` tasks), then a model stage of actors that each load the model once
-(``map_batches`` with a callable class, ``concurrency`` actors, ``num_gpus`` each). Ray restarts an
-actor that dies (``max_restarts``) and re-runs its batch (``max_task_retries``); the caller's sink
+(``map_batches`` with a callable class, ``concurrency`` actors, ``num_gpus`` each). Ray Data restarts
+an actor that dies and re-runs its batch (its actor defaults, ``max_restarts=-1``,
+``max_task_retries=-1``); the caller's sink
 keeps one record per key, so a batch that ran twice is still written once.
 
 Ray is an optional extra (``pip install 'atssdet[ray]'``); nothing here imports it before it is used.
@@ -32,15 +33,13 @@ INSTALL_HINT = "--engine ray needs Ray Data: pip install 'atssdet[ray]' (or: pip
 @dataclass(frozen=True)
 class RayOptions:
     """Where and how wide the Ray job runs: ``address`` (None: ``$RAY_ADDRESS``, else a local Ray),
-    ``concurrency`` model actors with ``num_gpus`` each, ``num_cpus`` of a local Ray (None: all),
-    and the retries of a dead actor."""
+    ``concurrency`` model actors with ``num_gpus`` each, ``num_cpus`` of a local Ray (None: all).
+    A dead actor is restarted and its batch retried by Ray Data's defaults for actors."""
 
     address: str | None = None
     concurrency: int = 1
     num_gpus: float = 0.0
     num_cpus: int | None = None
-    max_restarts: int = 3
-    max_task_retries: int = 3
 
 
 def require_ray() -> Any:
@@ -61,8 +60,7 @@ def predict_dataset(
     batch_size: int | None = None,
     concurrency: int = 1,
     num_gpus: float = 0.0,
-    max_restarts: int = 3,
-    max_task_retries: int = 3,
+    num_cpus: float | None = None,
 ) -> Any:
     """A Ray Dataset of detections, one row per row of ``ds``.
 
@@ -71,9 +69,14 @@ def predict_dataset(
     or ``image`` (BGR uint8 ``[H, W, 3]``); other columns (an ``index``, ids) are passed through.
     ``detector``: a :class:`Detector` (sent to each actor) or a function building one in the actor
     (e.g. ``lambda: Detector.from_pretrained(name, device="cuda")``). Output rows add ``height``,
-    ``width``, ``error`` (None or the problem) and ``detections`` (a JSON list of ``{"box", "score",
-    "label", "name"}``, as in ``predictions.jsonl``).
+    ``width``, ``error`` (``""`` or the problem) and ``detections`` (a JSON list of ``{"box", "score",
+    "label", "name"}``, as in ``predictions.jsonl``). ``num_cpus`` per actor defaults to what leaves
+    one CPU of the cluster to the decoding stage (at most 1): actors holding every CPU would starve it.
     """
+    import ray
+
+    if num_cpus is None:
+        num_cpus = min(1.0, max(0.1, (float(ray.cluster_resources().get("CPU", 2.0)) - 1.0) / concurrency))
     det = detector if callable(detector) and not hasattr(detector, "iter_predict") else None
     sizes = _sizes(detector) if det is None else None
     decoded = ds.map_batches(_decode_batch, fn_kwargs={"sizes": sizes}, batch_format="numpy", zero_copy_batch=True)
@@ -84,9 +87,9 @@ def predict_dataset(
         batch_format="numpy",
         concurrency=concurrency,
         num_gpus=num_gpus,
-        max_restarts=max_restarts,
-        max_task_retries=max_task_retries,
-    )
+        num_cpus=num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+    )  # Ray Data's actor defaults restart a dead actor and retry its batch (max_restarts/max_task_retries -1)
 
 
 def _sizes(detector: Any) -> tuple[int, int]:
@@ -100,7 +103,7 @@ def _decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int] | None) -
 
     n = len(next(iter(batch.values())))
     images: list[np.ndarray] = []
-    errors: list[str | None] = []
+    errors: list[str] = []  # "" for none: a column of str (None would not survive Arrow/pandas as None)
     hw: list[tuple[int, int]] = []
     for i in range(n):
         source = str(batch["path"][i]) if "path" in batch else f"<row {i}>"
@@ -115,7 +118,7 @@ def _decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int] | None) -
                 image = read_image(source)
             hw.append((int(image.shape[0]), int(image.shape[1])))
             images.append(resize_shortest_edge(image, *sizes) if sizes is not None else image)
-            errors.append(None)
+            errors.append("")
         except (ImageReadError, OSError, ValueError) as exc:
             hw.append((0, 0))
             images.append(np.zeros((1, 1, 3), np.uint8))
@@ -123,7 +126,7 @@ def _decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int] | None) -
     out = {k: v for k, v in batch.items() if k not in ("bytes", "image")}
     out["pixels"] = _ragged(images)
     out["orig_hw"] = np.asarray(hw, dtype=np.int64).reshape(n, 2)
-    out["error"] = np.asarray(errors, dtype=object)
+    out["error"] = np.asarray(errors, dtype=str)
     out["resized"] = np.full(n, sizes is not None)
     return out
 
@@ -155,7 +158,7 @@ class _ModelStage:
 
         det = self.detector
         n = len(batch["error"])
-        ok = [i for i in range(n) if batch["error"][i] is None]
+        ok = [i for i in range(n) if not batch["error"][i]]
         sources = [str(batch["path"][i]) if "path" in batch else f"<row {i}>" for i in range(n)]
         pixels = [np.asarray(batch["pixels"][i]) for i in ok]
         if ok and not bool(batch["resized"][0]):
@@ -171,8 +174,8 @@ class _ModelStage:
         out = {k: v for k, v in batch.items() if k not in ("pixels", "resized", "orig_hw", "error")}
         out["height"] = np.asarray([int(h) for h, _ in batch["orig_hw"]], dtype=np.int64)
         out["width"] = np.asarray([int(w) for _, w in batch["orig_hw"]], dtype=np.int64)
-        errors = [batch["error"][i] if i not in found else found[i].error for i in range(n)]
-        out["error"] = np.asarray(errors, dtype=object)
+        errors = [str(batch["error"][i]) if i not in found else (found[i].error or "") for i in range(n)]
+        out["error"] = np.asarray(errors, dtype=str)
         out["detections"] = np.asarray(dets, dtype=object)
         return out
 
@@ -181,10 +184,11 @@ def row_detections(row: dict[str, Any], class_names: Sequence[str]) -> Detection
     """An output row of :func:`predict_dataset` as :class:`Detections`."""
     from atssdet.predict_stream import record_detections
 
+    error = str(row.get("error") or "") or None
     record = {
-        "height": int(row["height"]) if row.get("error") is None else None,
+        "height": int(row["height"]) if error is None else None,
         "width": int(row["width"]),
-        "error": row.get("error"),
+        "error": error,
         "detections": json.loads(row["detections"]),
     }
     result = record_detections(record, class_names)
@@ -219,7 +223,9 @@ def iter_ray_results(
     if not files:
         return
     items = [{"index": int(i), "path": str(f)} for i, f in zip(indices, files, strict=True)]
-    ds = ray_module.data.from_items(items)
+    # Blocks of ~64 images, at least two per actor: one per image costs Ray a task each.
+    blocks = min(len(items), max(2 * ray_options.concurrency, len(items) // 64))
+    ds = ray_module.data.from_items(items, override_num_blocks=blocks)
     out = predict_dataset(
         ds,
         detector,
@@ -227,8 +233,6 @@ def iter_ray_results(
         batch_size=batch_size,
         concurrency=ray_options.concurrency,
         num_gpus=ray_options.num_gpus,
-        max_restarts=ray_options.max_restarts,
-        max_task_retries=ray_options.max_task_retries,
     )
     names = detector.cfg.class_names
     for row in out.iter_rows():
