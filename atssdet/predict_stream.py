@@ -133,31 +133,24 @@ def merged_records(out: Path, current: dict[str, tuple[int, Key]]) -> Iterator[d
                 yield r
 
     parts = stream_files(out)
-    try:
-        yield from _dedupe(heapq.merge(*(_ascending(current_records(p)) for p in parts), key=_index))
-    except _NotAscending:
-        pass
-    else:
+    if all(_is_ascending(current_records(p)) for p in parts):  # a first pass that keeps nothing
+        yield from _dedupe(heapq.merge(*(current_records(p) for p in parts), key=_index))
         return
     everything = sorted((r for p in parts for r in current_records(p)), key=_index)
     yield from _dedupe(iter(everything))
-
-
-class _NotAscending(Exception):
-    pass
 
 
 def _index(record: dict[str, Any]) -> int:
     return int(record["index"])
 
 
-def _ascending(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _is_ascending(records: Iterator[dict[str, Any]]) -> bool:
     last = -1
     for r in records:
         if r["index"] < last:
-            raise _NotAscending
+            return False
         last = r["index"]
-        yield r
+    return True
 
 
 def _dedupe(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
