@@ -132,7 +132,7 @@ def predict_files(
     if world[1] > 1:
         distributed.barrier()  # the one collective: every part is complete before rank 0 merges them
     if world[0] == 0:
-        report.json_path = write_final(out, plan, keys, detector, coco=coco, format=format)
+        report.json_path, report.recorded = write_final(out, plan, keys, detector, coco=coco, format=format)
     return report
 
 
@@ -173,9 +173,9 @@ def write_final(
     *,
     coco: bool,
     format: str,
-) -> Path:
+) -> tuple[Path, int]:
     """``predictions.json`` or the COCO files, from every part of the stream (read lazily, in input
-    order), and the listing of the parts; returns the first JSON's path."""
+    order), and the listing of the parts; returns the first JSON's path and the number of images."""
     from atssdet.evaluation.coco import detections_to_coco  # pycocotools; and evaluation imports the detector
 
     current = {key[0]: (i, key) for i, key in enumerate(keys)}
@@ -213,7 +213,7 @@ def write_final(
     parts = [str(p.relative_to(out)) for p in stream_files(out)]
     listing = {"format": format, "parts": parts, "images": images, "failed": len(failed)}
     atomic_write_text(out / MANIFEST, json.dumps(listing, indent=1) + "\n", mark=COMMAND)
-    return plan.json_paths[0]
+    return plan.json_paths[0], images
 
 
 @dataclass(frozen=True)
@@ -324,6 +324,7 @@ class PredictReport:
     num_ok: int = 0
     num_detections: int = 0
     drew: bool = True
+    recorded: int = 0  # images in the final files (all ranks, earlier runs included); rank 0 only
 
     MAX_ROWS = 50  # rows kept for the table: memory stays flat over any number of images
 

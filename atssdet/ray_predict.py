@@ -79,7 +79,9 @@ def predict_dataset(
         num_cpus = min(1.0, max(0.1, (float(ray.cluster_resources().get("CPU", 2.0)) - 1.0) / concurrency))
     det = detector if callable(detector) and not hasattr(detector, "iter_predict") else None
     sizes = _sizes(detector) if det is None else None
-    decoded = ds.map_batches(_decode_batch, fn_kwargs={"sizes": sizes}, batch_format="numpy", zero_copy_batch=True)
+    decoded = ds.map_batches(
+        _decode_batch, fn_kwargs={"sizes": sizes}, batch_format="numpy", zero_copy_batch=True
+    )
     return decoded.map_batches(
         _ModelStage,
         fn_constructor_kwargs={"detector": detector, "options": options},
@@ -150,7 +152,9 @@ class _ModelStage:
     """A Ray actor: the model, loaded once; detects on the decoded batches it is given."""
 
     def __init__(self, detector: Any, options: InferenceOptions | None) -> None:
-        self.detector = detector() if callable(detector) and not hasattr(detector, "iter_predict") else detector
+        self.detector = (
+            detector() if callable(detector) and not hasattr(detector, "iter_predict") else detector
+        )
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -200,7 +200,9 @@ def run(args: argparse.Namespace) -> int:
         print(report.table())
     for _, reason in report.failed:  # each reason starts with the file name
         print(f"atssdet predict: skipped {reason}", file=sys.stderr)
-    return 0 if report.num_ok + done > 0 else 1
+    if report.json_path is None:  # another rank than 0 under torchrun: rank 0's status counts
+        return 0
+    return 0 if report.num_ok + report.recorded + done > 0 else 1
 
 
 def _check_outputs(args: argparse.Namespace, files: list[str], videos: list[str]) -> list[str]:
