@@ -93,8 +93,8 @@ def predict_files(
     if engine not in ENGINES:
         raise OptionError(f"engine: {engine!r} is not one of {', '.join(ENGINES)}")
     draw = draw and engine == "local"
-    rank = distributed.init_distributed(device=detector.device) if engine == "local" else None
-    world = (rank.rank, rank.world_size) if rank is not None else (0, 1)
+    info = distributed.init_distributed(device=detector.device) if engine == "local" else None
+    world = (info.rank, info.world_size) if info is not None else (0, 1)
     out = Path(out_dir)
     plan = plan_outputs(
         inputs,
@@ -110,7 +110,7 @@ def predict_files(
     threshold = DRAW_SCORE_THRESHOLD if draw_threshold is None else draw_threshold
     keys = [file_key(f) for f in plan.files]
     done = recorded_keys(out)
-    todo = [i for i in distributed.shard(list(range(len(keys))), rank=world[0], world_size=world[1])]
+    todo = distributed.shard(list(range(len(keys))), rank=world[0], world_size=world[1])
     skipped = [i for i in todo if keys[i] in done]
     todo = [i for i in todo if keys[i] not in done]
     report = PredictReport(out_dir=out, failed=list(plan.failed), skipped=len(skipped), drew=draw)
@@ -268,7 +268,8 @@ def plan_outputs(
     annotations = Path(coco_annotations) if coco_annotations is not None else None
     if format not in FORMATS:
         raise OptionError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
-    stream = [part_path(out, format, *rank), out / MANIFEST]
+    # A Parquet part is a new file per chunk (nothing to check but its folder, made on the first write).
+    stream = [*([part_path(out, format, *rank)] if format == "jsonl" else []), out / MANIFEST]
     return OutputPlan(files, ids_by_name, failed, drawn, [out / n for n in names], annotations, stream)
 
 

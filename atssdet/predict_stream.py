@@ -242,7 +242,7 @@ class RecordSink:
         if fmt not in WRITERS:
             raise ValueError(f"format {fmt!r}: not one of {', '.join(WRITERS)}")
         self._writer = WRITERS[fmt](out, rank, world_size)
-        self._keys: set[Key] = set(done)
+        self._keys: set[Key] = done if isinstance(done, set) else set(done)  # a set given is used, not copied
         self.written = 0
 
     def __contains__(self, key: Key) -> bool:

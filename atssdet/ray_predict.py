@@ -222,10 +222,10 @@ def iter_ray_results(
     ray: RayOptions | None = None,
 ) -> Iterator[tuple[int, Detections]]:
     """``(index, result)`` for each of ``files`` (``indices[i]`` is ``files[i]``'s), as Ray finishes them."""
+    if not files:  # all recorded already: no Ray to start
+        return
     ray_options = ray or RayOptions()
     ray_module = init_ray(ray_options)
-    if not files:
-        return
     items = [{"index": int(i), "path": str(f)} for i, f in zip(indices, files, strict=True)]
     # Blocks of ~64 images, at least two per actor: one per image costs Ray a task each.
     blocks = min(len(items), max(2 * ray_options.concurrency, len(items) // 64))

@@ -83,6 +83,10 @@ def test_workers_and_parquet_and_coco(tmp_path: Path) -> None:
     results = json.loads((out / "predictions_coco.json").read_text())
     expected = sum(len(v) for v in reference(folder).values())
     assert len(results) == expected and {r["image_id"] for r in results} <= set(range(1, 15))
+    again = predict_files(
+        [str(folder)], detector=tiny_detector(), out_dir=out, format="parquet", draw=False, progress=False
+    )  # resumes: the Parquet parts are read back
+    assert again.skipped == 14 and again.num_ok == 0 and stream_files(out) == parts
     skeleton = json.loads((out / "images_coco.json").read_text())
     assert len(skeleton["images"]) == 12 and skeleton["images"][0]["file_name"] == "im0000.png"
 
