@@ -115,7 +115,7 @@ def predict_files(
     todo = [i for i in todo if keys[i] not in done]
     report = PredictReport(out_dir=out, failed=list(plan.failed), skipped=len(skipped), drew=draw)
     start = time.perf_counter()
-    results = _results(engine, detector, plan.files, todo, batch_size, options, draw, workers, ray)
+    results = _results(engine, detector, plan.files, todo, batch_size, options, draw, workers, ray, progress)
     with (
         RecordSink(out, format, rank=world[0], world_size=world[1], done=done) as sink,
         tqdm(total=len(todo), unit="img", desc="predict", disable=not progress) as bar,
@@ -149,13 +149,20 @@ def _results(
     draw: bool,
     workers: int,
     ray: RayOptions | None,
+    progress: bool,
 ) -> Iterator[tuple[int, Detections]]:
     """``(input index, result)`` of each image ``todo``: in order here, as they finish with Ray."""
     if engine == "ray":
         from atssdet.ray_predict import iter_ray_results
 
         yield from iter_ray_results(
-            [files[i] for i in todo], todo, detector, batch_size=batch_size, options=options, ray=ray
+            [files[i] for i in todo],
+            todo,
+            detector,
+            batch_size=batch_size,
+            options=options,
+            ray=ray,
+            progress=progress,
         )
         return
     chosen = (files[i] for i in todo)

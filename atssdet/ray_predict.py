@@ -220,12 +220,14 @@ def iter_ray_results(
     batch_size: int | None = None,
     options: InferenceOptions | None = None,
     ray: RayOptions | None = None,
+    progress: bool = True,
 ) -> Iterator[tuple[int, Detections]]:
     """``(index, result)`` for each of ``files`` (``indices[i]`` is ``files[i]``'s), as Ray finishes them."""
     if not files:  # all recorded already: no Ray to start
         return
     ray_options = ray or RayOptions()
     ray_module = init_ray(ray_options)
+    ray_module.data.DataContext.get_current().enable_progress_bars = progress
     items = [{"index": int(i), "path": str(f)} for i, f in zip(indices, files, strict=True)]
     # Blocks of ~64 images, at least two per actor: one per image costs Ray a task each.
     blocks = min(len(items), max(2 * ray_options.concurrency, len(items) // 64))
