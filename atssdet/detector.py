@@ -28,11 +28,11 @@ never asks which. Test-time options are one :class:`~atssdet.options.InferenceOp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -41,9 +41,16 @@ from torch import Tensor, nn
 
 from atssdet import validate
 from atssdet.batching import group_by_padded_size, padded_size
-from atssdet.data.image_io import read_image
-from atssdet.data.transforms import images_to_batch, resize_shortest_edge
-from atssdet.errors import ImageReadError, OptionError, cv2_message, describe_memory_error, is_memory_error
+from atssdet.data.transforms import images_to_batch
+from atssdet.detector_inputs import (
+    ImageInput,
+    PrepareDataset,
+    _Pending,
+    error_result,
+    no_collate,
+    prepare_input,
+)
+from atssdet.errors import OptionError, describe_memory_error, is_memory_error
 from atssdet.options import InferenceOptions
 from atssdet.runtime.torch_runner import TorchRunner, select_with_options
 from atssdet.structures import Detections
@@ -55,7 +62,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ImageInput: TypeAlias = "str | os.PathLike[str] | np.ndarray"  # a file path or a BGR uint8 [H, W, 3] array
+__all__ = ["Detector", "ImageInput", "unflip_boxes"]
 
 
 def unflip_boxes(boxes_xyxy: Tensor, width: Tensor) -> Tensor:
@@ -65,16 +72,6 @@ def unflip_boxes(boxes_xyxy: Tensor, width: Tensor) -> Tensor:
     """
     x1, y1, x2, y2 = boxes_xyxy.unbind(-1)
     return torch.stack((width - x2, y1, width - x1, y2), dim=-1)
-
-
-@dataclass
-class _Pending:
-    index: int
-    source: str
-    image: np.ndarray | None  # original BGR uint8 [H, W, 3] (None when only its size is known)
-    resized: np.ndarray  # BGR uint8 [h, w, 3]
-    keep_image: bool
-    orig_hw: tuple[int, int]
 
 
 class Detector:
@@ -114,6 +111,31 @@ class Detector:
         )
         self.options = InferenceOptions.from_config(self.cfg)
         self.weights: str | None = None  # where the weights came from, for reports
+        self.half: torch.dtype | None = None  # autocast dtype of the forward pass (CUDA only), see use_half
+
+    def use_half(self, dtype: str | torch.dtype | None = None) -> torch.dtype:
+        """Run the forward pass under CUDA autocast in ``dtype`` (``"bf16"``/``"fp16"``; default bf16
+        where the GPU has it, else fp16). Refused (OptionError) off CUDA and for ONNX Runtime: on the
+        CPU, bf16 autocast made ATSS slower in our measurements, not faster (docs/scale.md)."""
+        if self.device.type != "cuda" or not isinstance(self.runner, TorchRunner):
+            raise OptionError(
+                f"half: half precision runs only with PyTorch on a CUDA device (this detector runs on "
+                f"{self.device}{'' if isinstance(self.runner, TorchRunner) else ' in ONNX Runtime'}); "
+                "leave out --half"
+            )
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        names = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        chosen = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if chosen not in (torch.bfloat16, torch.float16):
+            raise OptionError(f"half: {dtype!r} is not one of bf16, fp16")
+        self.half = chosen
+        return chosen
+
+    def _autocast(self) -> Any:
+        if self.half is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.half)
 
     @classmethod
     def from_pretrained(
@@ -201,6 +223,7 @@ class Detector:
         batch_size: int | None = None,
         options: InferenceOptions | None = None,
         keep_images: bool = False,
+        workers: int = 0,
     ) -> Iterator[Detections]:
         """Yield one :class:`Detections` per input, in input order, reading files lazily.
 
@@ -211,11 +234,14 @@ class Detector:
         *before* the NMS, so each object keeps the single best box of either view. Array inputs are
         kept on the result (``result.image``) for drawing; file inputs are too when ``keep_images``.
         Boxes etc. are CPU tensors. ``batch_size`` (images per forward pass) defaults to
-        :meth:`default_batch_size`. ``options.slicing`` runs each image as overlapping tiles, batched
-        (``batch_size`` tiles per forward unless the SliceOptions say), merged back (:mod:`atssdet.slicing`).
+        :meth:`default_batch_size`. ``workers`` > 0 reads and resizes in that many DataLoader
+        worker processes (the forward pass runs meanwhile); the results are the same.
+        ``options.slicing`` runs each image as overlapping tiles, batched (``batch_size`` tiles per
+        forward unless the SliceOptions say), merged back (:mod:`atssdet.slicing`).
         """
         given_batch = None if batch_size is None else validate.count("batch_size", batch_size)
         batch_size = self.default_batch_size() if given_batch is None else given_batch
+        workers = validate.count("workers", workers, minimum=0)
         opts = self._checked(options)
         if opts.slicing is not None:  # tiles of one image at a time, batched (atssdet.slicing)
             from atssdet.slicing import iter_predict_sliced
@@ -224,13 +250,24 @@ class Detector:
                 self, images, opts, batch_size=given_batch, keep_images=keep_images
             )
             return
+        if workers == 0:
+            prepared: Iterable[_Pending | Detections] = (
+                self._prepare(index, item, keep_images) for index, item in enumerate(images)
+            )
+        else:
+            prepared = self._prepare_in_workers(images, workers, keep_images)
+        yield from self._iter_batched(prepared, batch_size, opts)
+
+    def _iter_batched(
+        self, prepared: Iterable[_Pending | Detections], batch_size: int, opts: InferenceOptions
+    ) -> Iterator[Detections]:
+        """Run prepared inputs (in input order) in batches of equal padded size; yield in input order."""
         # Images wait in per-size buckets until one is full; results are released in input order.
         max_pending = 4 * batch_size
         buckets: dict[tuple[int, int], list[_Pending]] = {}
         done: dict[int, Detections] = {}
         next_out = 0
-        for index, item in enumerate(images):
-            pending = self._prepare(index, item, keep_images)
+        for index, pending in enumerate(prepared):
             if isinstance(pending, Detections):
                 done[index] = pending
             else:
@@ -252,6 +289,20 @@ class Detector:
         while next_out in done:
             yield done.pop(next_out)
             next_out += 1
+
+    def _prepare_in_workers(
+        self, images: Iterable[ImageInput], workers: int, keep_images: bool
+    ) -> Iterator[_Pending | Detections]:
+        """:meth:`_prepare` in ``workers`` DataLoader processes (decode + resize overlap the forward
+        pass); results come back in input order. torch's DataLoader, rather than a pool of our own:
+        it already handles worker start-up, ordering, prefetching and a worker that dies."""
+        from torch.utils.data import DataLoader
+
+        dataset = PrepareDataset(list(images), self, keep_images)
+        loader = DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=no_collate
+        )
+        yield from loader
 
     def detect_resized(
         self,
@@ -291,41 +342,10 @@ class Detector:
 
     def _prepare(self, index: int, item: ImageInput, keep_image: bool) -> _Pending | Detections:
         """Read/validate one input and resize it; an unreadable one becomes an error result."""
-        if isinstance(item, np.ndarray):
-            source = f"<array {index}>"
-            try:
-                image = _check_array(item, source)
-            except ImageReadError as exc:
-                return self._error_result(source, str(exc))
-            keep_image = True
-        else:
-            if not isinstance(item, (str, os.PathLike)):
-                raise TypeError(
-                    f"input {index}: expected a file path or a BGR uint8 numpy array, got {type(item).__name__}"
-                )
-            source = os.fspath(item)
-            try:
-                image = read_image(source)
-            except ImageReadError as exc:
-                return self._error_result(source, str(exc))
-        try:
-            resized = resize_shortest_edge(image, self.short_size, self.max_size)
-        except (cv2.error, MemoryError, ValueError) as exc:  # this image alone: the others go on
-            problem = describe_memory_error(exc) if is_memory_error(exc) else cv2_message(exc)
-            h, w = image.shape[:2]
-            return self._error_result(source, f"{source}: cannot resize the {w}x{h} image: {problem}")
-        return _Pending(index, source, image, resized, keep_image, (int(image.shape[0]), int(image.shape[1])))
+        return prepare_input(index, item, self.short_size, self.max_size, keep_image, self.cfg.class_names)
 
     def _error_result(self, source: str, message: str) -> Detections:
-        logger.warning("skipping %s", message)
-        return Detections(
-            torch.zeros((0, 4)),
-            torch.zeros(0),
-            torch.zeros(0, dtype=torch.long),
-            class_names=self.cfg.class_names,
-            source=source,
-            error=message,
-        )
+        return error_result(source, message, self.cfg.class_names)
 
     def _run(self, items: list[_Pending], options: InferenceOptions) -> dict[int, Detections]:
         """:meth:`_run_batch`; when it runs out of memory, each image again alone, and an image that
@@ -351,8 +371,12 @@ class Detector:
         """Detect on images that share a padded size: one forward pass (two with flip TTA)."""
         image_hw = torch.tensor([it.resized.shape[:2] for it in items], dtype=torch.float32)
         orig_hw = torch.tensor([it.orig_hw for it in items], dtype=torch.float32)
-        with torch.inference_mode():
-            batch = images_to_batch([it.resized for it in items], device=self.device)
+        with torch.inference_mode(), self._autocast():
+            if self.device.type == "cuda":  # build on the host, copy from pinned memory without a sync
+                batch = images_to_batch([it.resized for it in items]).pin_memory()
+                batch = batch.to(self.device, non_blocking=True)
+            else:
+                batch = images_to_batch([it.resized for it in items], device=self.device)
             if options.flip_tta:
                 dets = self._detect_flip_tta(items, batch, image_hw, orig_hw, options)
             else:
@@ -360,8 +384,8 @@ class Detector:
         out: dict[int, Detections] = {}
         for it, d in zip(items, dets, strict=True):
             out[it.index] = Detections(
-                d.boxes.cpu(),
-                d.scores.cpu(),
+                d.boxes.cpu().float(),
+                d.scores.cpu().float(),
                 d.labels.cpu(),
                 class_names=self.cfg.class_names,
                 image_hw=it.orig_hw,
@@ -386,13 +410,3 @@ class Detector:
         return select_with_options(
             torch.cat((scores, scores_f), dim=1), torch.cat((boxes, boxes_f), dim=1), options
         )
-
-
-def _check_array(image: np.ndarray, source: str) -> np.ndarray:
-    if image.dtype != np.uint8:
-        raise ImageReadError(f"{source}: expected a uint8 BGR image, got dtype {image.dtype}")
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ImageReadError(f"{source}: expected a BGR image [H, W, 3], got shape {image.shape}")
-    return image

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -144,6 +144,63 @@ def atomic_write_json(
     return atomic_write_text(path, text + "\n" if indent is not None else text, mark=mark)
 
 
+# --------------------------------------------------------------------------- append-only streams
+
+
+def open_stream(path: str | os.PathLike[str], *, mark: str) -> BinaryIO:
+    """Open the line stream ``path`` for appending (created if missing), marked as ``mark``'s.
+
+    A stream is the one kind of output that is not renamed into place: a job writes a line per
+    finished item and flushes it, so that a job killed part-way leaves every finished line (the
+    resume of ``atssdet predict``). A partial last line a killed writer left is cut off here first.
+    The written-by mark is a *stream* mark: :func:`written_by` still names ``mark`` when the file has
+    grown since (it is appended to by design), never when it shrank. Flushing is the caller's; lines
+    reach the OS at each flush (they survive the process, not a power loss).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        os.ftruncate(fd, _complete_lines_end(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    stream = os.fdopen(fd, "ab")
+    _mark_stream(path, mark)
+    return stream
+
+
+def close_stream(stream: BinaryIO, path: str | os.PathLike[str], *, mark: str) -> None:
+    """Flush and close a stream of :func:`open_stream`, marking it at its final size."""
+    stream.flush()
+    stream.close()
+    _mark_stream(Path(path), mark)
+
+
+def _complete_lines_end(fd: int, chunk: int = 1 << 16) -> int:
+    """The byte offset just after the last newline of the file ``fd`` (0 when it has none)."""
+    end = os.fstat(fd).st_size
+    while end > 0:
+        start = max(0, end - chunk)
+        data = os.pread(fd, end - start, start)
+        cut = data.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
+
+
+def _mark_stream(path: Path, command: str) -> None:
+    value = {**_mark_value(path, command), "stream": True}
+    try:
+        os.setxattr(path, MARK_ATTRIBUTE, json.dumps(value).encode())
+    except (AttributeError, OSError):
+        files = _read_marks_file(path.parent)
+        files[path.name] = value
+        doc = {"format": "atssdet-outputs", "files": files}
+        atomic_write_text(path.parent / MARKS_FILE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
 # --------------------------------------------------------------------------- written-by marks
 
 
@@ -170,6 +227,8 @@ def written_by(path: str | os.PathLike[str]) -> str | None:
         record = _read_marks_file(path.parent).get(path.name)
     if not isinstance(record, dict) or not isinstance(record.get("command"), str):
         return None
+    if record.get("stream") is True and isinstance(record.get("size"), int):
+        return str(record["command"]) if st.st_size >= record["size"] else None  # appended since
     if record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
         return None
     return str(record["command"])

@@ -12,20 +12,38 @@ import glob
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from atssdet.detector import Detector
-from atssdet.fileio import atomic_write_text
+from atssdet.errors import OptionError
+from atssdet.fileio import atomic_path, atomic_write_text
 from atssdet.guard import OutputGuard
 from atssdet.options import InferenceOptions
+from atssdet.predict_stream import (
+    COMMAND,
+    FORMATS,
+    MANIFEST,
+    Key,
+    RecordSink,
+    file_key,
+    make_record,
+    merged_records,
+    part_path,
+    record_detections,
+    recorded_keys,
+    stream_files,
+)
 from atssdet.structures import Detections
 from atssdet.visualize import DRAW_SCORE_THRESHOLD, save_detections
 from atssdet.zoo import coco_category_ids
 
-COMMAND = "predict"  # the written-by mark of predict's outputs (images, JSON, videos)
+if TYPE_CHECKING:
+    from atssdet.ray_predict import RayOptions
+
+__all__ = ["COMMAND", "PredictReport", "expand_inputs", "plan_outputs", "predict_files"]
 
 
 def predict_files(
@@ -41,69 +59,168 @@ def predict_files(
     coco_annotations: str | os.PathLike[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    format: str = "jsonl",
+    workers: int = 0,
+    engine: str = "local",
+    ray: RayOptions | None = None,
 ) -> PredictReport:
-    """Detect objects in files/folders/globs and write drawn images plus one JSON into ``out_dir``.
+    """Detect objects in files/folders/globs; stream one record per image into ``out_dir``.
 
     ``inputs`` are files, folders (their non-hidden files, sorted, not recursive) or glob patterns.
-    ``options`` default to ``detector.options``. Writes, atomically: ``<out_dir>/<image name>`` with
-    every detection scoring ``>= draw_threshold`` drawn (default
-    :data:`atssdet.visualize.DRAW_SCORE_THRESHOLD`, as the API), and ``predictions.json``
-    (``{"model", "images": [...], "failed": [...]}``), or with ``coco=True`` ``predictions_coco.json``
-    (a COCO results list) plus ``images_coco.json`` (a COCO dataset skeleton: images + categories,
-    for ``COCO(...).loadRes``). Image ids are 1-based positions in the expanded input list (a failed
-    file leaves its number unused, so ids do not depend on which files fail), unless
-    ``coco_annotations`` (a COCO annotation file) is given, which supplies the ids by file name.
-    Unreadable or missing inputs are reported in ``PredictReport.failed`` and skipped.
+    ``options`` default to ``detector.options``. As each image is done its record (file, size, boxes,
+    scores, labels, names, or the error) goes to the stream (``format``: ``"jsonl"``, flushed per image,
+    or ``"parquet"``; see :mod:`atssdet.predict_stream`) and, with ``draw``, ``<out_dir>/<image name>``
+    with the detections scoring ``>= draw_threshold`` drawn (default
+    :data:`atssdet.visualize.DRAW_SCORE_THRESHOLD`). Images the stream already holds (same path, size
+    and mtime) are skipped: re-running a killed job continues it. At the end, from the stream:
+    ``predictions.json`` (``{"model", "images": [...], "failed": [...]}``), or with ``coco=True``
+    ``predictions_coco.json`` (a COCO results list) plus ``images_coco.json`` (images + categories, for
+    ``COCO(...).loadRes``), and ``predictions.parts.json`` naming every part. Image ids are 1-based
+    positions in the expanded input list (a failed file leaves its number unused), unless
+    ``coco_annotations`` supplies them by file name. Unreadable inputs are error records, reported in
+    ``PredictReport.failed``; the job goes on.
 
-    Before any image is read, :class:`~atssdet.guard.OutputGuard` refuses outputs that are inputs
-    and existing files that ``predict`` did not write (unless ``overwrite``); see :func:`plan_outputs`.
+    ``workers`` > 0 decodes and resizes in DataLoader worker processes. Under ``torchrun`` each rank
+    takes ``files[rank::world_size]`` and streams its own part; one barrier at the end, then rank 0
+    writes the final files. ``engine="ray"`` runs the model in Ray actors (:mod:`atssdet.ray_predict`,
+    ``ray``: its options; no drawings). Before any image is read, :class:`~atssdet.guard.OutputGuard`
+    refuses outputs that are inputs and existing files ``predict`` did not write (unless ``overwrite``).
     """
     from tqdm import tqdm
 
-    from atssdet.evaluation.coco import detections_to_coco  # pycocotools; and evaluation imports the detector
+    from atssdet import distributed
 
+    if engine not in ENGINES:
+        raise OptionError(f"engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    draw = draw and engine == "local"
+    info = distributed.init_distributed(device=detector.device) if engine == "local" else None
+    world = (info.rank, info.world_size) if info is not None else (0, 1)
     out = Path(out_dir)
-    plan = plan_outputs(inputs, out_dir=out, draw=draw, coco=coco, coco_annotations=coco_annotations)
+    plan = plan_outputs(
+        inputs,
+        out_dir=out,
+        draw=draw,
+        coco=coco,
+        coco_annotations=coco_annotations,
+        format=format,
+        rank=world,
+    )
     OutputGuard(COMMAND, inputs=plan.inputs, overwrite=overwrite).check(plan.outputs)
     out.mkdir(parents=True, exist_ok=True)
     threshold = DRAW_SCORE_THRESHOLD if draw_threshold is None else draw_threshold
-    files, ids_by_name = plan.files, plan.ids_by_name
-    cat_ids = coco_category_ids(detector.cfg.class_names)
-    report = PredictReport(out_dir=out, failed=list(plan.failed))
-    records: list[dict[str, Any]] = []
-    coco_results: list[dict[str, Any]] = []
-    coco_images: list[dict[str, Any]] = []
+    keys = [file_key(f) for f in plan.files]
+    done = recorded_keys(out)
+    todo = distributed.shard(list(range(len(keys))), rank=world[0], world_size=world[1])
+    skipped = [i for i in todo if keys[i] in done]
+    todo = [i for i in todo if keys[i] not in done]
+    report = PredictReport(out_dir=out, failed=list(plan.failed), skipped=len(skipped), drew=draw)
     start = time.perf_counter()
-    results = detector.iter_predict(files, batch_size=batch_size, options=options, keep_images=draw)
-    with tqdm(total=len(files), unit="img", desc="predict", disable=not progress) as bar:
-        for index, (path, result) in enumerate(zip(files, results, strict=True)):
+    results = _results(engine, detector, plan.files, todo, batch_size, options, draw, workers, ray, progress)
+    with (
+        RecordSink(out, format, rank=world[0], world_size=world[1], done=done) as sink,
+        tqdm(total=len(todo), unit="img", desc="predict", disable=not progress) as bar,
+    ):
+        for index, result in results:
             bar.update(1)
-            if not result.ok:
-                report.failed.append((path, result.error or "unreadable"))
-                continue
-            image_id = ids_by_name[Path(path).name] if ids_by_name is not None else index + 1
-            drawn_path = None
-            if draw:
-                drawn_path = save_detections(
-                    result, plan.drawn[index], score_threshold=threshold, mark=COMMAND
-                )
-            result.image = None  # free the pixels; only the detections are kept
-            h, w = result.image_hw or (0, 0)
-            records.append(_record(image_id, path, result, drawn_path))
-            report.rows.append(_row(path, result, threshold))
-            if coco:
-                coco_results += detections_to_coco([result], [image_id], cat_ids)
-                coco_images.append({"id": image_id, "file_name": Path(path).name, "height": h, "width": w})
+            drawn = None
+            if draw and result.ok:
+                drawn = save_detections(result, plan.drawn[index], score_threshold=threshold, mark=COMMAND)
+            result.image = None  # free the pixels; only the record is kept
+            if sink.write(make_record(index, plan.image_id(index), keys[index], result, drawn)):
+                report.add(plan.files[index], result, threshold)
     report.seconds = time.perf_counter() - start
-    if coco:
-        report.json_path = _write_coco(out, coco_results, coco_images, detector.cfg.class_names, cat_ids)
-    else:
-        failed_json = [{"file": f, "error": e} for f, e in report.failed]
-        doc = {"model": detector.describe(), "images": records, "failed": failed_json}
-        report.json_path = atomic_write_text(
-            plan.json_paths[0], json.dumps(doc, indent=1) + "\n", mark=COMMAND
-        )
+    if world[1] > 1:
+        distributed.barrier()  # the one collective: every part is complete before rank 0 merges them
+    if world[0] == 0:
+        report.json_path, report.recorded = write_final(out, plan, keys, detector, coco=coco, format=format)
     return report
+
+
+ENGINES = ("local", "ray")
+
+
+def _results(
+    engine: str,
+    detector: Detector,
+    files: list[str],
+    todo: list[int],
+    batch_size: int | None,
+    options: InferenceOptions | None,
+    draw: bool,
+    workers: int,
+    ray: RayOptions | None,
+    progress: bool,
+) -> Iterator[tuple[int, Detections]]:
+    """``(input index, result)`` of each image ``todo``: in order here, as they finish with Ray."""
+    if engine == "ray":
+        from atssdet.ray_predict import iter_ray_results
+
+        yield from iter_ray_results(
+            [files[i] for i in todo],
+            todo,
+            detector,
+            batch_size=batch_size,
+            options=options,
+            ray=ray,
+            progress=progress,
+        )
+        return
+    chosen = (files[i] for i in todo)
+    results = detector.iter_predict(
+        chosen, batch_size=batch_size, options=options, keep_images=draw, workers=workers
+    )
+    yield from zip(todo, results, strict=True)
+
+
+def write_final(
+    out: Path,
+    plan: OutputPlan,
+    keys: list[Key],
+    detector: Detector,
+    *,
+    coco: bool,
+    format: str,
+) -> tuple[Path, int]:
+    """``predictions.json`` or the COCO files, from every part of the stream (read lazily, in input
+    order), and the listing of the parts; returns the first JSON's path and the number of images."""
+    from atssdet.evaluation.coco import detections_to_coco  # pycocotools; and evaluation imports the detector
+
+    current = {key[0]: (i, key) for i, key in enumerate(keys)}
+    names, cat_ids = detector.cfg.class_names, coco_category_ids(detector.cfg.class_names)
+    failed = [{"file": f, "error": e} for f, e in plan.failed]
+    images = 0
+    with atomic_path(plan.json_paths[0], mark=COMMAND) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("[" if coco else '{"model": ' + json.dumps(detector.describe()) + ',\n "images": [')
+        coco_images: list[dict[str, Any]] = []
+        sep = "\n"
+        for record in merged_records(out, current):
+            if record.get("error") is not None:
+                failed.append({"file": record["file"], "error": record["error"]})
+                continue
+            images += 1
+            image_id = plan.image_id(record["index"])
+            if coco:
+                dets = record_detections(record, names)
+                for entry in detections_to_coco([dets], [image_id], cat_ids):
+                    f.write(sep + json.dumps(entry))
+                    sep = ",\n"
+                name = Path(record["file"]).name
+                coco_images.append(
+                    {"id": image_id, "file_name": name, "height": record["height"], "width": record["width"]}
+                )
+            else:
+                entry = {"image_id": image_id, **{k: v for k, v in record.items() if k != "image_id"}}
+                f.write(sep + json.dumps(entry))
+                sep = ",\n"
+        f.write("\n]\n" if coco else '\n ],\n "failed": ' + json.dumps(failed, indent=1) + "}\n")
+    if coco:
+        categories = [{"id": int(i), "name": n} for i, n in zip(cat_ids, names, strict=True)]
+        skeleton = {"images": coco_images, "annotations": [], "categories": categories}
+        atomic_write_text(out / "images_coco.json", json.dumps(skeleton) + "\n", mark=COMMAND)
+    parts = [str(p.relative_to(out)) for p in stream_files(out)]
+    listing = {"format": format, "parts": parts, "images": images, "failed": len(failed)}
+    atomic_write_text(out / MANIFEST, json.dumps(listing, indent=1) + "\n", mark=COMMAND)
+    return plan.json_paths[0], images
 
 
 @dataclass(frozen=True)
@@ -116,6 +233,7 @@ class OutputPlan:
     drawn: list[Path]  # the drawn image of ``files[i]`` (empty without drawing)
     json_paths: list[Path]  # predictions.json, or predictions_coco.json + images_coco.json
     annotations: Path | None = None
+    stream: list[Path] = field(default_factory=list)  # this process's stream part and the listing
 
     @property
     def inputs(self) -> list[str]:
@@ -123,7 +241,13 @@ class OutputPlan:
 
     @property
     def outputs(self) -> list[Path]:
-        return [*self.drawn, *self.json_paths]
+        return [*self.drawn, *self.json_paths, *self.stream]
+
+    def image_id(self, index: int) -> int:
+        """The image id of ``files[index]``: from the annotations by name, else ``index + 1``."""
+        if self.ids_by_name is not None:
+            return self.ids_by_name[Path(self.files[index]).name]
+        return index + 1
 
 
 def plan_outputs(
@@ -133,9 +257,12 @@ def plan_outputs(
     draw: bool = True,
     coco: bool = False,
     coco_annotations: str | os.PathLike[str] | None = None,
+    format: str = "jsonl",
+    rank: tuple[int, int] = (0, 1),
 ) -> OutputPlan:
     """Expand ``inputs`` and name every file :func:`predict_files` writes into ``out_dir``.
 
+    ``format`` is the stream's (``jsonl``/``parquet``), ``rank`` the process's ``(rank, world_size)``.
     Drawn images are named after their input (``cat.jpg``; a second ``cat.jpg`` from another folder
     becomes ``cat_2.jpg``; suffixes OpenCV cannot write become ``.jpg``), whether or not the image
     turns out readable, so names do not depend on which files fail.
@@ -146,7 +273,11 @@ def plan_outputs(
     drawn = [out / _unique_name(Path(f), used) for f in files] if draw else []
     names = ("predictions_coco.json", "images_coco.json") if coco else ("predictions.json",)
     annotations = Path(coco_annotations) if coco_annotations is not None else None
-    return OutputPlan(files, ids_by_name, failed, drawn, [out / n for n in names], annotations)
+    if format not in FORMATS:
+        raise OptionError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
+    # A Parquet part is a new file per chunk (nothing to check but its folder, made on the first write).
+    stream = [*([part_path(out, format, *rank)] if format == "jsonl" else []), out / MANIFEST]
+    return OutputPlan(files, ids_by_name, failed, drawn, [out / n for n in names], annotations, stream)
 
 
 def _image_files(
@@ -166,14 +297,6 @@ def _image_files(
     return keep, ids_by_name, failed
 
 
-def _record(image_id: int, path: str, result: Detections, drawn: Path | None) -> dict[str, Any]:
-    """One ``predictions.json`` image entry."""
-    record = {"image_id": image_id, "file": str(path), **result.to_dict()}
-    record["drawn"] = str(drawn) if drawn is not None else None
-    del record["source"]
-    return record
-
-
 def _row(path: str, result: Detections, threshold: float) -> PredictRow:
     h, w = result.image_hw or (0, 0)
     return PredictRow(
@@ -184,21 +307,6 @@ def _row(path: str, result: Detections, threshold: float) -> PredictRow:
         num_drawn=int((result.scores >= threshold).sum()),
         top=_top_names(result, threshold),
     )
-
-
-def _write_coco(
-    out: Path,
-    results: list[dict[str, Any]],
-    images: list[dict[str, Any]],
-    class_names: Sequence[str],
-    cat_ids: Sequence[int],
-) -> Path:
-    """``predictions_coco.json`` (results list) and ``images_coco.json`` (images + categories); the first's path."""
-    categories = [{"id": int(i), "name": n} for i, n in zip(cat_ids, class_names, strict=True)]
-    path = atomic_write_text(out / "predictions_coco.json", json.dumps(results) + "\n", mark=COMMAND)
-    skeleton = {"images": images, "annotations": [], "categories": categories}
-    atomic_write_text(out / "images_coco.json", json.dumps(skeleton) + "\n", mark=COMMAND)
-    return path
 
 
 @dataclass
@@ -216,14 +324,27 @@ class PredictReport:
     """What :func:`predict_files` did: one row per image done, ``failed`` = ``(input, reason)``."""
 
     out_dir: Path
-    rows: list[PredictRow] = field(default_factory=list)
+    rows: list[PredictRow] = field(default_factory=list)  # the first MAX_ROWS images done
     failed: list[tuple[str, str]] = field(default_factory=list)
     json_path: Path | None = None
     seconds: float = 0.0
+    skipped: int = 0  # images the stream already held (a resumed job)
+    num_ok: int = 0
+    num_detections: int = 0
+    drew: bool = True
+    recorded: int = 0  # images in the final files (all ranks, earlier runs included); rank 0 only
 
-    @property
-    def num_ok(self) -> int:
-        return len(self.rows)
+    MAX_ROWS = 50  # rows kept for the table: memory stays flat over any number of images
+
+    def add(self, path: str, result: Detections, threshold: float) -> None:
+        """Count one finished image (an error result goes to ``failed``)."""
+        if not result.ok:
+            self.failed.append((path, result.error or "unreadable"))
+            return
+        self.num_ok += 1
+        self.num_detections += len(result)
+        if len(self.rows) < self.MAX_ROWS:
+            self.rows.append(_row(path, result, threshold))
 
     def table(self, max_rows: int = 50) -> str:
         """A plain-text summary table (first ``max_rows`` images, then totals and failures)."""
@@ -238,15 +359,17 @@ class PredictReport:
             for row in [header, *body]
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        if len(self.rows) > max_rows:
-            lines.append(f"... {len(self.rows) - max_rows} more image(s)")
+        if self.num_ok > len(body):
+            lines.append(f"... {self.num_ok - len(body)} more image(s)")
         rate = self.num_ok / self.seconds if self.seconds > 0 else 0.0
         lines.append(
             f"{self.num_ok} image(s) done, {len(self.failed)} failed, "
-            f"{sum(r.num_detections for r in self.rows)} detections, {self.seconds:.1f} s ({rate:.2f} img/s)"
+            f"{self.num_detections} detections, {self.seconds:.1f} s ({rate:.2f} img/s)"
+            + (f"; {self.skipped} already recorded, skipped" if self.skipped else "")
         )
         if self.json_path is not None:
-            lines.append(f"wrote {self.json_path} and drawings to {self.out_dir}")
+            drawings = f" and drawings to {self.out_dir}" if self.drew else ""
+            lines.append(f"wrote {self.json_path}{drawings}")
         return "\n".join(lines)
 
 

@@ -17,9 +17,9 @@ R18 = "atss_res18_coco_3x_800size"
 SLOW_MODULES = frozenset(
     {
         "test_benchmarks_start", "test_criterion", "test_demo", "test_distributed_eval", "test_export",
-        "test_fuzz", "test_parity", "test_serve", "test_serve_browser", "test_train", "test_train_crash",
-        "test_train_distributed", "test_train_ownership", "test_formats", "test_loggers", "test_report_page",
-        "test_slicing_cli",
+        "test_fuzz", "test_parity", "test_predict_ray", "test_predict_stream", "test_predict_torchrun",
+        "test_serve", "test_serve_browser", "test_train", "test_train_crash", "test_train_distributed",
+        "test_train_ownership", "test_formats", "test_loggers", "test_report_page", "test_slicing_cli",
     }
 )  # fmt: skip
 

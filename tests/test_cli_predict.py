@@ -53,6 +53,8 @@ def test_cli_folder_with_bad_files_coco(mixed_folder: Path, tmp_path: Path, r18_
     assert sorted(p.name for p in out.iterdir()) == [
         "cat.jpg",
         "images_coco.json",
+        "predictions.jsonl",  # the stream the COCO files were made from (docs/scale.md)
+        "predictions.parts.json",
         "predictions_coco.json",
         "small.png",
     ]

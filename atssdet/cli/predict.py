@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--short-size", type=int, metavar="S", help="test resize short side (config: 800)")
     p.add_argument("--max-size", type=int, metavar="S", help="test resize long-side cap (config: 1333)")
     add_device_flag(p)
+    _add_scale_flags(p)
     p.add_argument(
         "--numerics",
         choices=["torch", "megengine"],
@@ -95,6 +97,53 @@ def add_parser(sub: SubParsers) -> None:
     )
     add_progress_flag(p)
     p.set_defaults(func=run)
+
+
+def _add_scale_flags(p: argparse.ArgumentParser) -> None:
+    """Streaming, workers, half precision and the Ray engine (docs/scale.md)."""
+    p.add_argument(
+        "--format",
+        choices=["jsonl", "parquet"],
+        help="stream format: a JSON line per image, flushed as it is done (default), or Parquet parts; "
+        "a re-run into the same --out skips the images already recorded",
+    )
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="decode and resize in N worker processes (default 0: inline)"
+    )
+    p.add_argument(
+        "--half", action="store_true", help="bf16 (else fp16) autocast on CUDA; refused on the CPU"
+    )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        help="local (default; under torchrun each rank takes its share) or ray: Ray Data actors "
+        "(pip install 'atssdet[ray]'; no drawings)",
+    )
+    p.add_argument(
+        "--ray-address", metavar="ADDR", help="Ray cluster to join (default: $RAY_ADDRESS or a local one)"
+    )
+    p.add_argument("--concurrency", type=int, metavar="K", help="Ray model actors (default 1)")
+    p.add_argument("--num-gpus", type=float, metavar="G", help="GPUs per Ray model actor (default 0)")
+
+
+def _scale_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``predict_files`` keyword arguments of the scale flags, checked before any model loads."""
+    from atssdet import validate
+
+    kwargs = given(args, "format", "workers", "engine")
+    if "workers" in kwargs:
+        validate.count("workers", kwargs["workers"], minimum=0)
+    ray_flags = given(args, "ray_address", "concurrency", "num_gpus")
+    if kwargs.get("engine", "local") == "ray":
+        from atssdet.ray_predict import RayOptions, require_ray
+
+        require_ray()
+        kwargs["ray"] = RayOptions(
+            **{("address" if k == "ray_address" else k): v for k, v in ray_flags.items()}
+        )
+    elif ray_flags:
+        raise ValueError(f"--{next(iter(ray_flags)).replace('_', '-')} only makes sense with --engine ray")
+    return kwargs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,12 +172,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--coco is for images; {videos[0]} is a video (videos write JSON lines per frame)")
     if hasattr(args, "track") and not videos:
         raise ValueError("--track is for videos; no video among the inputs")
+    scale = _scale_arguments(args)
     readable = _check_outputs(args, files, videos)  # before the model loads; unopenable videos are skipped
     loading = given(args, "device", "short_size", "max_size", "numerics")
+    if getattr(args, "half", False):
+        from atssdet.distributed import resolve_device
+
+        if resolve_device(loading.get("device")).type != "cuda":
+            raise ValueError("--half: half precision runs only on a CUDA device (on the CPU it is slower)")
     if args.weights is not None:
         detector = Detector.from_checkpoint(args.weights, model=args.model, **loading)
     else:
         detector = Detector.from_pretrained(args.model, **loading)
+    if getattr(args, "half", False):
+        detector.use_half()
     classes = parse_classes(getattr(args, "classes", None), detector.cfg.class_names)
     options: dict[str, Any] = {
         "detector": detector,
@@ -144,17 +201,25 @@ def run(args: argparse.Namespace) -> int:
         if not images:
             return 0 if done else 1
     report = predict_files(
-        images if videos else args.paths, coco=args.coco, coco_annotations=args.coco_annotations, **options
+        images if videos else args.paths,
+        coco=args.coco,
+        coco_annotations=args.coco_annotations,
+        **options,
+        **scale,
     )
-    print(report.table())
+    if report.json_path is not None:  # under torchrun: rank 0, which wrote the final files
+        print(report.table())
     for _, reason in report.failed:  # each reason starts with the file name
         print(f"atssdet predict: skipped {reason}", file=sys.stderr)
-    return 0 if report.num_ok + done > 0 else 1
+    if report.json_path is None:  # another rank than 0 under torchrun: rank 0's status counts
+        return 0
+    return 0 if report.num_ok + report.recorded + done > 0 else 1
 
 
 def _check_outputs(args: argparse.Namespace, files: list[str], videos: list[str]) -> list[str]:
     """Refuse (:class:`~atssdet.guard.OutputGuard`, one message for all) what this command must not
     write, before any work; returns the videos that open (the others are reported and skipped)."""
+    from atssdet.distributed import env_world_size
     from atssdet.guard import OutputGuard
     from atssdet.predict import COMMAND, plan_outputs
     from atssdet.video import plan_video
@@ -171,7 +236,13 @@ def _check_outputs(args: argparse.Namespace, files: list[str], videos: list[str]
         readable.append(video)
     images = [f for f in files if f not in set(videos)] if videos else args.paths
     plan = plan_outputs(
-        images, out_dir=args.out, draw=draw, coco=args.coco, coco_annotations=args.coco_annotations
+        images,
+        out_dir=args.out,
+        draw=draw and getattr(args, "engine", "local") == "local",
+        coco=args.coco,
+        coco_annotations=args.coco_annotations,
+        format=getattr(args, "format", "jsonl"),
+        rank=(int(os.environ.get("RANK", "0")), env_world_size()),
     )
     if images or not videos:
         outputs += plan.outputs
