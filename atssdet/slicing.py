@@ -35,6 +35,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from atssdet.data.transforms import resize_shortest_edge
+from atssdet.detector_inputs import error_result, prepare_input
 from atssdet.errors import OptionError
 from atssdet.options import InferenceOptions
 from atssdet.structures import Detections
@@ -242,7 +243,7 @@ def predict_sliced(
         windows = torch.cat((windows, torch.tensor([[0, 0, w, h]])))
     failed = next((r for r in results if r.error is not None), None)
     if failed is not None:
-        return detector._error_result(source, str(failed.error))
+        return error_result(source, str(failed.error), detector.cfg.class_names)
     counts = torch.tensor([len(r) for r in results])
     wins = windows.repeat_interleave(counts, dim=0)
     origin = torch.cat((wins[:, :2], wins[:, :2]), dim=1).to(torch.float32)
@@ -268,7 +269,7 @@ def detect_sliced(
     try:
         return predict_sliced(detector, image, options, source=source, batch_size=batch_size)
     except OptionError as exc:
-        return detector._error_result(source, str(exc))
+        return error_result(source, str(exc), detector.cfg.class_names)
 
 
 def detect_sliced_many(
@@ -289,12 +290,14 @@ def iter_predict_sliced(
 ) -> Iterator[Detections]:
     """:meth:`Detector.iter_predict` with ``options.slicing``: one input at a time (its tiles batched);
     an unreadable input or a slice larger than it becomes an error result and the others go on."""
+    names = detector.cfg.class_names
     for index, item in enumerate(images):
-        pending = detector._prepare(index, item, keep_images)
+        # the original image is needed for the tiles whether or not the caller keeps it
+        pending = prepare_input(index, item, detector.short_size, detector.max_size, True, names)
         if isinstance(pending, Detections):
             yield pending
             continue
         assert pending.image is not None
         result = detect_sliced(detector, pending.image, options, source=pending.source, batch_size=batch_size)
-        result.image = pending.image if pending.keep_image else None
+        result.image = pending.image if keep_images or isinstance(item, np.ndarray) else None
         yield result

@@ -224,3 +224,16 @@ def test_slicing_raises_map_where_whole_images_lose_small_objects(tmp_path) -> N
     whole = evaluate(det, ann_file, tmp_path / "img", options=base, progress=False, num_workers=1)
     tiles = evaluate(det, ann_file, tmp_path / "img", options=sliced(), progress=False, num_workers=1)
     assert whole.stats["AP"] < 0.05 and tiles.stats["AP"] > 0.9, (whole.stats["AP"], tiles.stats["AP"])
+
+
+@pytest.mark.parametrize("keep_images", [False, True])
+def test_sliced_file_inputs_with_or_without_keeping_images(tmp_path, keep_images: bool) -> None:
+    """File inputs are sliced whether or not the caller keeps the images (predict --no-draw, eval)."""
+    import cv2
+
+    path = tmp_path / "rects.png"
+    cv2.imwrite(str(path), blob_image(160, 224, RECTS))
+    (result,) = blob_detector().iter_predict([path], options=sliced(), keep_images=keep_images)
+    assert result.error is None
+    assert sorted(tuple(b) for b in result.boxes.tolist()) == sorted(tuple(float(v) for v in r) for r in RECTS)
+    assert (result.image is not None) == keep_images
