@@ -22,6 +22,8 @@ from atssdet.errors import OptionError
 from atssdet.fileio import atomic_path, atomic_write_text
 from atssdet.guard import OutputGuard
 from atssdet.options import InferenceOptions
+from atssdet.predict_labels import label_paths, write_class_list, write_labels
+from atssdet.predict_report import PredictReport
 from atssdet.predict_stream import (
     COMMAND,
     FORMATS,
@@ -63,6 +65,7 @@ def predict_files(
     workers: int = 0,
     engine: str = "local",
     ray: RayOptions | None = None,
+    save_format: str | None = None,
 ) -> PredictReport:
     """Detect objects in files/folders/globs; stream one record per image into ``out_dir``.
 
@@ -83,7 +86,8 @@ def predict_files(
     ``workers`` > 0 decodes and resizes in DataLoader worker processes. Under ``torchrun`` each rank
     takes ``files[rank::world_size]`` and streams its own part; one barrier at the end, then rank 0
     writes the final files. ``engine="ray"`` runs the model in Ray actors (:mod:`atssdet.ray_predict`,
-    ``ray``: its options; no drawings). Before any image is read, :class:`~atssdet.guard.OutputGuard`
+    ``ray``: its options; no drawings). ``save_format`` ``"yolo"``/``"voc"`` also writes a label
+    file per image (:mod:`atssdet.predict_labels`). Before any image is read, :class:`~atssdet.guard.OutputGuard`
     refuses outputs that are inputs and existing files ``predict`` did not write (unless ``overwrite``).
     """
     from tqdm import tqdm
@@ -104,6 +108,7 @@ def predict_files(
         coco_annotations=coco_annotations,
         format=format,
         rank=world,
+        save_format=save_format,
     )
     OutputGuard(COMMAND, inputs=plan.inputs, overwrite=overwrite).check(plan.outputs)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +119,8 @@ def predict_files(
     skipped = [i for i in todo if keys[i] in done]
     todo = [i for i in todo if keys[i] not in done]
     report = PredictReport(out_dir=out, failed=list(plan.failed), skipped=len(skipped), drew=draw)
+    if save_format == "yolo" and world[0] == 0:
+        write_class_list(plan.labels[-1], detector.cfg.class_names, mark=COMMAND)
     start = time.perf_counter()
     results = _results(engine, detector, plan.files, todo, batch_size, options, draw, workers, ray, progress)
     with (
@@ -126,6 +133,9 @@ def predict_files(
             if draw and result.ok:
                 drawn = save_detections(result, plan.drawn[index], score_threshold=threshold, mark=COMMAND)
             result.image = None  # free the pixels; only the record is kept
+            if save_format is not None and result.ok:
+                name = Path(plan.files[index]).name
+                write_labels(result, plan.labels[index], save_format, file_name=name, mark=COMMAND)
             if sink.write(make_record(index, plan.image_id(index), keys[index], result, drawn)):
                 report.add(plan.files[index], result, threshold)
     report.seconds = time.perf_counter() - start
@@ -234,6 +244,7 @@ class OutputPlan:
     json_paths: list[Path]  # predictions.json, or predictions_coco.json + images_coco.json
     annotations: Path | None = None
     stream: list[Path] = field(default_factory=list)  # this process's stream part and the listing
+    labels: list[Path] = field(default_factory=list)  # ``--save-format`` files (files[i]'s, then classes.txt)
 
     @property
     def inputs(self) -> list[str]:
@@ -241,7 +252,7 @@ class OutputPlan:
 
     @property
     def outputs(self) -> list[Path]:
-        return [*self.drawn, *self.json_paths, *self.stream]
+        return [*self.drawn, *self.json_paths, *self.stream, *self.labels]
 
     def image_id(self, index: int) -> int:
         """The image id of ``files[index]``: from the annotations by name, else ``index + 1``."""
@@ -259,6 +270,7 @@ def plan_outputs(
     coco_annotations: str | os.PathLike[str] | None = None,
     format: str = "jsonl",
     rank: tuple[int, int] = (0, 1),
+    save_format: str | None = None,
 ) -> OutputPlan:
     """Expand ``inputs`` and name every file :func:`predict_files` writes into ``out_dir``.
 
@@ -270,14 +282,18 @@ def plan_outputs(
     out = Path(out_dir)
     files, ids_by_name, failed = _image_files(inputs, coco_annotations)
     used: set[str] = set()
-    drawn = [out / _unique_name(Path(f), used) for f in files] if draw else []
+    unique = [_unique_name(Path(f), used) for f in files]
+    drawn = [out / n for n in unique] if draw else []
     names = ("predictions_coco.json", "images_coco.json") if coco else ("predictions.json",)
     annotations = Path(coco_annotations) if coco_annotations is not None else None
     if format not in FORMATS:
         raise OptionError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
     # A Parquet part is a new file per chunk (nothing to check but its folder, made on the first write).
     stream = [*([part_path(out, format, *rank)] if format == "jsonl" else []), out / MANIFEST]
-    return OutputPlan(files, ids_by_name, failed, drawn, [out / n for n in names], annotations, stream)
+    labels = label_paths(out, unique, save_format)
+    return OutputPlan(
+        files, ids_by_name, failed, drawn, [out / n for n in names], annotations, stream, labels
+    )
 
 
 def _image_files(
@@ -295,82 +311,6 @@ def _image_files(
         else:
             failed.append((f, f"{f}: not listed in {coco_annotations} (no image id)"))
     return keep, ids_by_name, failed
-
-
-def _row(path: str, result: Detections, threshold: float) -> PredictRow:
-    h, w = result.image_hw or (0, 0)
-    return PredictRow(
-        path=str(path),
-        height=h,
-        width=w,
-        num_detections=len(result),
-        num_drawn=int((result.scores >= threshold).sum()),
-        top=_top_names(result, threshold),
-    )
-
-
-@dataclass
-class PredictRow:
-    path: str
-    height: int
-    width: int
-    num_detections: int
-    num_drawn: int
-    top: str
-
-
-@dataclass
-class PredictReport:
-    """What :func:`predict_files` did: one row per image done, ``failed`` = ``(input, reason)``."""
-
-    out_dir: Path
-    rows: list[PredictRow] = field(default_factory=list)  # the first MAX_ROWS images done
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    json_path: Path | None = None
-    seconds: float = 0.0
-    skipped: int = 0  # images the stream already held (a resumed job)
-    num_ok: int = 0
-    num_detections: int = 0
-    drew: bool = True
-    recorded: int = 0  # images in the final files (all ranks, earlier runs included); rank 0 only
-
-    MAX_ROWS = 50  # rows kept for the table: memory stays flat over any number of images
-
-    def add(self, path: str, result: Detections, threshold: float) -> None:
-        """Count one finished image (an error result goes to ``failed``)."""
-        if not result.ok:
-            self.failed.append((path, result.error or "unreadable"))
-            return
-        self.num_ok += 1
-        self.num_detections += len(result)
-        if len(self.rows) < self.MAX_ROWS:
-            self.rows.append(_row(path, result, threshold))
-
-    def table(self, max_rows: int = 50) -> str:
-        """A plain-text summary table (first ``max_rows`` images, then totals and failures)."""
-        header = ("image", "size", "dets", "drawn", "top classes (drawn)")
-        body = [
-            (Path(r.path).name, f"{r.width}x{r.height}", str(r.num_detections), str(r.num_drawn), r.top)
-            for r in self.rows[:max_rows]
-        ]
-        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *body]
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        if self.num_ok > len(body):
-            lines.append(f"... {self.num_ok - len(body)} more image(s)")
-        rate = self.num_ok / self.seconds if self.seconds > 0 else 0.0
-        lines.append(
-            f"{self.num_ok} image(s) done, {len(self.failed)} failed, "
-            f"{self.num_detections} detections, {self.seconds:.1f} s ({rate:.2f} img/s)"
-            + (f"; {self.skipped} already recorded, skipped" if self.skipped else "")
-        )
-        if self.json_path is not None:
-            drawings = f" and drawings to {self.out_dir}" if self.drew else ""
-            lines.append(f"wrote {self.json_path}{drawings}")
-        return "\n".join(lines)
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -426,14 +366,3 @@ def _unique_name(path: Path, used: set[str]) -> str:
         name = f"{path.stem}_{n}{suffix}"
     used.add(name)
     return name
-
-
-def _top_names(result: Detections, threshold: float, limit: int = 4) -> str:
-    keep = result.scores >= threshold
-    names = [n for n, k in zip(result.names, keep.tolist(), strict=True) if k]
-    counts: dict[str, int] = {}
-    for n in names:
-        counts[n] = counts.get(n, 0) + 1
-    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
-    text = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in ranked[:limit])
-    return text + (", ..." if len(ranked) > limit else "")

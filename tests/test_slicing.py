@@ -235,5 +235,7 @@ def test_sliced_file_inputs_with_or_without_keeping_images(tmp_path, keep_images
     cv2.imwrite(str(path), blob_image(160, 224, RECTS))
     (result,) = blob_detector().iter_predict([path], options=sliced(), keep_images=keep_images)
     assert result.error is None
-    assert sorted(tuple(b) for b in result.boxes.tolist()) == sorted(tuple(float(v) for v in r) for r in RECTS)
+    assert sorted(tuple(b) for b in result.boxes.tolist()) == sorted(
+        tuple(float(v) for v in r) for r in RECTS
+    )
     assert (result.image is not None) == keep_images

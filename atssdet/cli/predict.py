@@ -108,6 +108,12 @@ def _add_scale_flags(p: argparse.ArgumentParser) -> None:
         "a re-run into the same --out skips the images already recorded",
     )
     p.add_argument(
+        "--save-format",
+        choices=["yolo", "voc"],
+        help="also write a label file per image: yolo (labels/NAME.txt with a score column, classes.txt) "
+        "or voc (Annotations/NAME.xml)",
+    )
+    p.add_argument(
         "--workers", type=int, metavar="N", help="decode and resize in N worker processes (default 0: inline)"
     )
     p.add_argument(
@@ -130,7 +136,7 @@ def _scale_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """``predict_files`` keyword arguments of the scale flags, checked before any model loads."""
     from atssdet import validate
 
-    kwargs = given(args, "format", "workers", "engine")
+    kwargs = given(args, "format", "workers", "engine", "save_format")
     if "workers" in kwargs:
         validate.count("workers", kwargs["workers"], minimum=0)
     ray_flags = given(args, "ray_address", "concurrency", "num_gpus")
@@ -172,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--coco is for images; {videos[0]} is a video (videos write JSON lines per frame)")
     if hasattr(args, "track") and not videos:
         raise ValueError("--track is for videos; no video among the inputs")
+    if videos and hasattr(args, "save_format"):
+        raise ValueError(
+            f"--save-format is for images; {videos[0]} is a video (videos write JSON lines per frame)"
+        )
     scale = _scale_arguments(args)
     readable = _check_outputs(args, files, videos)  # before the model loads; unopenable videos are skipped
     loading = given(args, "device", "short_size", "max_size", "numerics")
@@ -242,6 +252,7 @@ def _check_outputs(args: argparse.Namespace, files: list[str], videos: list[str]
         coco=args.coco,
         coco_annotations=args.coco_annotations,
         format=getattr(args, "format", "jsonl"),
+        save_format=getattr(args, "save_format", None),
         rank=(int(os.environ.get("RANK", "0")), env_world_size()),
     )
     if images or not videos:
