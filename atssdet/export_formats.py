@@ -167,8 +167,8 @@ def _sensitive_layers(
     plain = tmp / "int8_plain.onnx"
     quantize_int8(fp32, plain, feeds, symmetric=symmetric)
     ranking = int8_sensitivity(fp32, plain, feeds[:SENSITIVITY_IMAGES])
-    kept = [s.node for s in ranking[:keep_float]]
-    report(format_sensitivity(ranking, kept, top=max(10, keep_float)))
+    kept = [node for layer in ranking[:keep_float] for node in layer.nodes]
+    report(format_sensitivity(ranking, keep_float, top=max(10, keep_float)))
     return kept
 
 

@@ -169,9 +169,13 @@ def quantize_int8(
 
 @dataclass(frozen=True)
 class LayerSensitivity:
-    """One convolution's int8 robustness: SQNR (dB, higher is better) of its weights and its output."""
+    """One layer's int8 robustness: SQNR (dB, higher is better) of its weights and its output(s).
 
-    node: str
+    ``nodes``: the ONNX convolutions that share the layer's weights (the head runs each of its
+    convolutions once per FPN level); keeping a layer in float keeps all of them.
+    """
+
+    nodes: tuple[str, ...]
     weight_sqnr: float
     output_sqnr: float
 
@@ -183,15 +187,16 @@ class LayerSensitivity:
 def int8_sensitivity(
     fp32: str | os.PathLike[str], int8: str | os.PathLike[str], feeds: Sequence[Feeds]
 ) -> list[LayerSensitivity]:
-    """Every quantized convolution of ``int8`` (a :func:`quantize_int8` of ``fp32``), least robust first.
+    """Every quantized layer of ``int8`` (a :func:`quantize_int8` of ``fp32``), least robust first.
 
-    Uses ``onnxruntime.quantization.qdq_loss_debug``: weight SQNR from the QDQ weights, output SQNR from
-    the activations of both graphs on ``feeds`` (a few images suffice; every tensor is kept in memory).
+    Uses ``onnxruntime.quantization.qdq_loss_debug``: weight SQNR from the QDQ weights, output SQNR
+    from the activations of both graphs on ``feeds`` (a few images suffice: every tensor of both
+    graphs is kept in memory); a layer scores the worst of its convolutions.
     """
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
     # create_weight_matching logs an error for each weight shared by several convolutions (the head's
-    # levels) that it cannot pair; those get their output SQNR only.
+    # levels), which it cannot pair; those layers are ranked by their outputs alone.
     logging.disable(logging.ERROR)
     try:
         weight_err = dbg.compute_weight_error(dbg.create_weight_matching(str(fp32), str(int8)))
@@ -206,17 +211,16 @@ def int8_sensitivity(
         fp_acts = dbg.collect_activations(str(paths[0]), _reader(feeds))
         q_acts = dbg.collect_activations(str(paths[1]), _reader(feeds))
     act_err = dbg.compute_activation_error(dbg.create_activation_matching(q_acts, fp_acts))
-    out = []
+    layers: dict[str, list[tuple[str, float, float]]] = {}
     for node, inputs, outputs in _conv_io(fp32):
-        w = weight_err.get(inputs[1]) if len(inputs) > 1 else None
-        a = act_err.get(outputs[0], {}).get("qdq_err")
-        if w is None and a is None:
-            continue  # left in float already
-        out.append(
-            LayerSensitivity(
-                node, float(w if w is not None else np.inf), float(a if a is not None else np.inf)
-            )
-        )
+        w = weight_err.get(inputs[1], np.inf)
+        a = act_err.get(outputs[0], {}).get("qdq_err", np.inf)
+        layers.setdefault(inputs[1], []).append((node, float(w), float(a)))
+    out = [
+        LayerSensitivity(tuple(n for n, _, _ in rows), min(w for _, w, _ in rows), min(a for _, _, a in rows))
+        for rows in layers.values()
+        if any(np.isfinite(w) or np.isfinite(a) for _, w, a in rows)  # else: not quantized at all
+    ]
     return sorted(out, key=lambda s: s.sqnr)
 
 
@@ -227,10 +231,11 @@ def _conv_io(path: str | os.PathLike[str]) -> list[tuple[str, list[str], list[st
     return [(n.name, list(n.input), list(n.output)) for n in graph.node if n.op_type == "Conv"]
 
 
-def format_sensitivity(rows: Sequence[LayerSensitivity], kept: Sequence[str], top: int = 10) -> str:
-    """The ``top`` least robust layers as a text table, marking those kept in float."""
-    lines = ["int8 sensitivity (SQNR dB, lower = more harm; * = kept in float):"]
-    for s in rows[:top]:
-        mark = "*" if s.node in kept else " "
-        lines.append(f" {mark} {s.node:<48} weights {s.weight_sqnr:6.1f}  output {s.output_sqnr:6.1f}")
+def format_sensitivity(rows: Sequence[LayerSensitivity], kept: int, top: int = 10) -> str:
+    """The ``top`` least robust layers as a text table; the first ``kept`` are marked kept in float."""
+    lines = ["int8 sensitivity (SQNR dB, lower = more quantization noise; * = kept in float):"]
+    for i, s in enumerate(rows[:top]):
+        mark = "*" if i < kept else " "
+        where = s.nodes[0] + (f" (+{len(s.nodes) - 1} sharing its weights)" if len(s.nodes) > 1 else "")
+        lines.append(f" {mark} weights {s.weight_sqnr:6.1f}  output {s.output_sqnr:6.1f}  {where}")
     return "\n".join(lines)

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         precision,
         args.out,
         calibration=getattr(args, "calibration", None),
-        raw_input=args.raw_input,
+        raw_input=getattr(args, "raw_input", False),
         **given(args, "calibration_images", "keep_float"),
     )
     OutputGuard(COMMAND, inputs=inputs, overwrite=overwrite).check(output_files(fmt, args.out))
