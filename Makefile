@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-pinned.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -r requirements-pinned.txt
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -e ".[dev,export,serve]"
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -e ".[dev,export,serve,deploy]"
 	touch $@
 
 # Headless Chromium for tests/test_serve_browser.py: Debian's package, installed only when missing and
