@@ -56,7 +56,9 @@ def _require(module: str) -> Any:
     except ImportError as exc:
         extra = _EXTRAS.get(module, "export")
         what = "ONNX export/inference" if extra == "export" else "OpenVINO export/inference"
-        raise ImportError(f"{what} needs the optional package {module!r}: pip install 'atssdet[{extra}]'") from exc
+        raise ImportError(
+            f"{what} needs the optional package {module!r}: pip install 'atssdet[{extra}]'"
+        ) from exc
 
 
 def _input_convention(cfg: ATSSConfig, raw_input: bool) -> dict[str, Any]:
