@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from atssdet import validate
+from atssdet.batching import padded_size
 from atssdet.errors import OptionError
 from atssdet.export import COMMAND, METADATA_PREFIX, _require, export_onnx
 from atssdet.export_openvino import OPENVINO_PRECISIONS, save_openvino
@@ -141,8 +142,8 @@ def export_model(
             src = Path(tmp) / "int8.onnx"
             quantize_int8(pre, src, feeds, kept, symmetric=format == "tensorrt")
         if format == "tensorrt":
-            h, w = model.cfg.test_image_max_size, model.cfg.test_image_max_size
-            return build_engine(src, out, precision=precision, max_hw=(h, w))
+            side = model.cfg.test_image_max_size  # the longest side a test image can have, padded to /32
+            return build_engine(src, out, precision=precision, max_hw=padded_size(side, side))
         return _save_with_metadata(src, out, meta)
 
 

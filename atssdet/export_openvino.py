@@ -12,6 +12,7 @@ model's ``rt_info`` (read back by :class:`~atssdet.runtime.ov_runner.OvRunner`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -53,7 +54,15 @@ def save_openvino(
         others = sorted({op.get_type_name() for op in model.get_ops()} - set(QUANTIZED_TYPES))
         patterns = [re.escape(name) + "(/WithoutBiases)?" for name in keep_float]
         scope = nncf.IgnoredScope(types=others, patterns=patterns, validate=False)
-        model = nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds), ignored_scope=scope)
+        log = logging.getLogger("nncf")
+        level = log.level
+        log.setLevel(logging.WARNING)  # NNCF lists every ignored node at INFO: hundreds of lines
+        try:
+            model = nncf.quantize(
+                model, nncf.Dataset(list(feeds)), subset_size=len(feeds), ignored_scope=scope
+            )
+        finally:
+            log.setLevel(level)
     model.set_rt_info(json.dumps(metadata), [RT_INFO_KEY])
     out = Path(out)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
