@@ -168,6 +168,14 @@ def speed(args: argparse.Namespace) -> None:
             hw = torch.tensor([[h, w]] * batch, dtype=torch.float32)
             fns = {k: (lambda fn=fn, x=images, s=hw: fn(x, s)) for k, fn in runners.items()}
             results[batch] = interleaved_medians(fns, repeats=repeats, warmup=1)
+            # Printed as each phase ends: a run cut short on a loaded machine keeps what it measured.
+            base = results[batch]["pytorch fp32"]
+            for label, t in results[batch].items():
+                print(
+                    f"  batch {batch}: {label} {t:.3f} s ({base / t:.2f}x PyTorch fp32)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     base1, base8 = results[1]["pytorch fp32"], results[args.batch]["pytorch fp32"]
     print(f"\nATSS-R50 random weights, {h}x{w}, {machine_line()}")
     print(
