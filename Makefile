@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-pinned.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -r requirements-pinned.txt
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -e ".[dev,export,serve,ray,formats,loggers,tracking,sahi]"
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-pinned.txt -e ".[dev,export,serve,deploy,ray,formats,loggers,tracking,sahi]"
 	# tidecv (the TIDE reference, tests/test_analysis.py only), trackers and sahi declare the non-headless
 	# opencv-python, which would clobber cv2: installed without their dependencies; the ones they need to
 	# import are the extras above (trackers, sahi) and the line after (tidecv).

@@ -43,6 +43,10 @@ METADATA_PREFIX = "atssdet."
 COMMAND = "export"  # the written-by mark of exported files (atssdet.guard)
 
 
+# Which optional extra brings each lazily imported package.
+_EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "deploy", "nncf": "deploy"}
+
+
 def _require(module: str) -> Any:
     """Import an optional dependency or fail with the install hint."""
     import importlib
@@ -50,8 +54,10 @@ def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        extra = _EXTRAS.get(module, "export")
+        what = "ONNX export/inference" if extra == "export" else "OpenVINO export/inference"
         raise ImportError(
-            f"ONNX export/inference needs the optional package {module!r}: pip install 'atssdet[export]'"
+            f"{what} needs the optional package {module!r}: pip install 'atssdet[{extra}]'"
         ) from exc
 
 

@@ -2,7 +2,7 @@
 
 :func:`load` builds the PyTorch model (``.pkl``/``.pkl.gz`` MegEngine, ``.safetensors`` atssdet,
 ``.pt``/``.pth`` state dict, or the zoo's pretrained weights); :func:`load_runner` also opens an
-exported ``.onnx`` file in ONNX Runtime. The CLI, :class:`~atssdet.detector.Detector`, ``serve``,
+exported ``.onnx`` file in ONNX Runtime or ``.xml`` OpenVINO IR. The CLI, :class:`~atssdet.detector.Detector`, ``serve``,
 ``hubconf``, ``eval`` and fine-tuning all come through here. :mod:`atssdet.zoo` describes the models,
 :mod:`atssdet.download` fetches their weights and :mod:`atssdet.convert` reads checkpoint files.
 """
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from atssdet.runtime import Runner
 
 ModelName = str | ATSSConfig  # a zoo name, or the config of a model outside the zoo
+# Exported files load_runner opens, and the runtime each runs in.
+EXPORTED_SUFFIXES = {".onnx": ("an ONNX file", "ONNX Runtime"), ".xml": ("an OpenVINO IR", "OpenVINO")}
 
 
 def load(
@@ -47,8 +49,9 @@ def load(
     from atssdet.modeling.atss import build_model
 
     path = _existing_file(weights)
-    if path is not None and path.suffix == ".onnx":
-        raise ValueError(f"{path}: an ONNX file runs in ONNX Runtime; open it with load_runner()")
+    if path is not None and path.suffix in EXPORTED_SUFFIXES:
+        kind, runtime = EXPORTED_SUFFIXES[path.suffix]
+        raise ValueError(f"{path}: {kind} runs in {runtime}; open it with load_runner()")
     cfg = _config(name, path)
     if overrides:
         cfg = with_overrides(cfg, overrides)
@@ -77,8 +80,9 @@ def load_runner(
     """What ``--model NAME`` / ``--weights FILE`` mean: a runner for :class:`~atssdet.detector.Detector`.
 
     ``weights`` ending in ``.onnx`` (an ``atssdet export`` file, config and thresholds in its
-    metadata) -> :class:`~atssdet.runtime.ort_runner.OrtRunner`; ``overrides`` other than
-    ``numerics="torch"`` are refused for it. Anything else -> :func:`load` (no ``weights``: the
+    metadata) -> :class:`~atssdet.runtime.ort_runner.OrtRunner`; ``.xml`` (an ``export --format
+    openvino`` IR, its ``.bin`` beside it) -> :class:`~atssdet.runtime.ov_runner.OvRunner`;
+    ``overrides`` other than ``numerics="torch"`` are refused for them. Anything else -> :func:`load` (no ``weights``: the
     zoo's pretrained checkpoint of ``name``) in a :class:`~atssdet.runtime.torch_runner.TorchRunner`.
     ``device`` None picks CUDA when available (ONNX Runtime: its CUDA provider), else the CPU.
     """
@@ -88,6 +92,11 @@ def load_runner(
 
         _refuse_onnx_overrides(path, overrides or {})
         return OrtRunner(path, device=device)
+    if path is not None and path.suffix == ".xml":
+        from atssdet.runtime.ov_runner import OvRunner
+
+        _refuse_onnx_overrides(path, overrides or {})
+        return OvRunner(path, device=device)
     from atssdet.runtime.torch_runner import TorchRunner
 
     model = load(name, weights=path, pretrained=path is None, overrides=overrides)
@@ -125,11 +134,12 @@ def _config(name: ModelName | None, path: Path | None) -> ATSSConfig:
 
 
 def _refuse_onnx_overrides(path: Path, overrides: dict[str, Any]) -> None:
+    kind = EXPORTED_SUFFIXES[path.suffix][0]
     numerics = overrides.get("numerics", "torch")
     if numerics not in (None, "torch"):
-        raise ValueError(f"{path}: numerics={numerics!r} needs the PyTorch model, not an ONNX file")
+        raise ValueError(f"{path}: numerics={numerics!r} needs the PyTorch model, not {kind}")
     others = sorted(k for k in overrides if k != "numerics")
     if others:
         raise ValueError(
-            f"{path}: overriding {', '.join(others)} does not apply to an ONNX file (its config is baked in at export)"
+            f"{path}: overriding {', '.join(others)} does not apply to {kind} (its config is baked in at export)"
         )

@@ -16,10 +16,11 @@ R18 = "atss_res18_coco_3x_800size"
 # marked `slow`, so `make test-fast` (pytest -m "not slow") runs the unit tests alone.
 SLOW_MODULES = frozenset(
     {
-        "test_benchmarks_start", "test_criterion", "test_demo", "test_distributed_eval", "test_export",
-        "test_fuzz", "test_parity", "test_predict_ray", "test_predict_stream", "test_predict_torchrun",
-        "test_serve", "test_serve_browser", "test_train", "test_train_crash", "test_train_distributed",
-        "test_train_ownership", "test_formats", "test_loggers", "test_report_page", "test_slicing_cli",
+        "test_benchmarks_start", "test_criterion", "test_demo", "test_deploy", "test_distributed_eval",
+        "test_export", "test_fuzz", "test_openvino", "test_parity", "test_predict_ray", "test_predict_stream",
+        "test_predict_torchrun", "test_serve", "test_serve_browser", "test_train", "test_train_crash",
+        "test_train_distributed", "test_train_ownership", "test_formats", "test_loggers", "test_report_page",
+        "test_slicing_cli",
     }
 )  # fmt: skip
 

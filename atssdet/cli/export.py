@@ -1,4 +1,4 @@
-"""``atssdet export``: ONNX with decoding (and optionally NMS) inside the graph."""
+"""``atssdet export``: ONNX (fp32/fp16/int8), OpenVINO IR or a TensorRT engine, decoding (and optionally NMS) inside."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def add_parser(sub: SubParsers) -> None:
     p = add_command(
         sub,
         "export",
-        help="export a model to ONNX (decoding, optionally NMS, inside the graph)",
+        help="export a model to ONNX, OpenVINO or TensorRT, fp32/fp16/int8 (decoding, optionally NMS, inside)",
         description="Export an ATSS model to ONNX. Inputs: images [N,3,H,W] float raw BGR 0-255, image_hw "
         "[N,2], orig_hw [N,2] (the graph pads to /32 and normalises). Outputs: scores [N,A,C] and boxes "
         "[N,A,4] in original pixels, or with --with-nms detections [N,K,6] and num_detections [N].",
@@ -21,7 +21,37 @@ def add_parser(sub: SubParsers) -> None:
         model_help="zoo model (pretrained weights unless --weights)",
         weights_help="checkpoint (.pkl/.pkl.gz/.safetensors/.pt); .safetensors carries its config",
     )
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "openvino", "tensorrt"],
+        default=argparse.SUPPRESS,
+        help="onnx (.onnx), openvino (.xml IR + .bin) or tensorrt (engine; needs CUDA and tensorrt); default onnx",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16", "int8"],
+        default=argparse.SUPPRESS,
+        help="default fp32; fp16: float16 weights/compute where it is safe; bf16: openvino only (CPUs with "
+        "bf16); int8: static quantization calibrated on --calibration",
+    )
+    p.add_argument(
+        "--calibration", metavar="DIR", default=argparse.SUPPRESS, help="folder of calibration images (int8)"
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        metavar="N",
+        default=argparse.SUPPRESS,
+        help="use the first N readable images of --calibration (default 300)",
+    )
+    p.add_argument(
+        "--keep-float",
+        type=int,
+        metavar="N",
+        default=argparse.SUPPRESS,
+        help="int8: keep the N convolutions a per-layer sensitivity pass ranks least robust in float "
+        "(prints the ranking; default 0)",
+    )
     p.add_argument("--out", required=True, help="output file, written atomically")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing --out file that export did not write"
@@ -51,7 +81,8 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atssdet.export import COMMAND, export_onnx
+    from atssdet.export import COMMAND
+    from atssdet.export_formats import check_request, export_model, output_files
     from atssdet.guard import OutputGuard
     from atssdet.loader import load
     from atssdet.runtime.ort_runner import onnx_signature
@@ -59,14 +90,26 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and args.weights is None:
         raise ValueError("give --model NAME and/or --weights FILE")
     overwrite = getattr(args, "overwrite", False)
+    fmt, precision = getattr(args, "format", "onnx"), getattr(args, "precision", "fp32")
     inputs = [args.weights] if args.weights else []
-    OutputGuard(COMMAND, inputs=inputs, overwrite=overwrite).check([args.out])  # before the model loads
+    # Before the model loads: the request, then the outputs.
+    check_request(
+        fmt,
+        precision,
+        args.out,
+        calibration=getattr(args, "calibration", None),
+        raw_input=getattr(args, "raw_input", False),
+        **given(args, "calibration_images", "keep_float"),
+    )
+    OutputGuard(COMMAND, inputs=inputs, overwrite=overwrite).check(output_files(fmt, args.out))
     model = load(args.model, weights=args.weights, pretrained=args.weights is None)
     # Exported on CPU: the graph does not depend on the device it was traced on.
     example_hw = tuple(args.input_hw) if args.input_hw else ((213, 160) if args.dynamic else (800, 1333))
-    out = export_onnx(
+    out = export_model(
         model,
         args.out,
+        format=fmt,
+        precision=precision,
         dynamic=args.dynamic,
         example_hw=example_hw,
         model_name=args.model,
@@ -80,8 +123,12 @@ def run(args: argparse.Namespace) -> int:
             "max_detections",
             "class_agnostic",
             "raw_input",
+            "calibration",
+            "calibration_images",
+            "keep_float",
         ),
     )
-    print(f"wrote {out}")
-    print(onnx_signature(out))
+    print(f"wrote {', '.join(str(p) for p in output_files(fmt, out))}")
+    if fmt == "onnx":
+        print(onnx_signature(out))
     return 0

@@ -10,7 +10,6 @@ not take atssdet's inputs raises :class:`~atssdet.errors.ModelFileError` naming 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,21 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from atssdet.config import ATSSConfig
 from atssdet.errors import ModelFileError, is_memory_error, is_onnx_error
-from atssdet.export import DENSE_OUTPUT_NAMES, INPUT_NAMES, METADATA_PREFIX, NMS_OUTPUT_NAMES, _require
-from atssdet.options import InferenceOptions
-from atssdet.runtime.torch_runner import select_with_options
-from atssdet.structures import Detections
+from atssdet.export import METADATA_PREFIX, _require
+from atssdet.runtime.exported import ExportedRunner, short_error
 
 Spec = tuple[tuple[str, str, tuple[int | str, ...]], ...]
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def _load_proto(path: str | os.PathLike[str]) -> Any:
@@ -44,7 +34,7 @@ def _load_proto(path: str | os.PathLike[str]) -> Any:
     except OSError:
         raise
     except Exception as exc:  # protobuf DecodeError, onnx's own errors
-        raise ModelFileError(f"{path}: not a valid ONNX file ({_short(exc)})") from exc
+        raise ModelFileError(f"{path}: not a valid ONNX file ({short_error(exc)})") from exc
 
 
 @dataclass(frozen=True)
@@ -87,11 +77,6 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     }
 
 
-def _to_numpy(x: Tensor | np.ndarray, dtype: type) -> np.ndarray:
-    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-    return np.ascontiguousarray(arr, dtype=dtype)
-
-
 def _providers(device: str | torch.device | None, available: Sequence[str]) -> list[str]:
     """ONNX Runtime execution providers for ``device`` "cpu", "cuda" (a torch device or "cuda:0"
     naming one too) or None (CUDA if offered)."""
@@ -107,13 +92,14 @@ def _providers(device: str | torch.device | None, available: Sequence[str]) -> l
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
-class OrtRunner:
+class OrtRunner(ExportedRunner):
     """Run an exported ATSS ONNX file in ONNX Runtime.
 
     ``device`` "cpu" or "cuda" (None: the CUDA provider if onnxruntime offers it, else the CPU)
     chooses the execution provider; input batches are always built on the CPU (:attr:`device`),
     ONNX Runtime copies them. :attr:`cfg` and :attr:`class_names` come from the file's metadata;
-    :attr:`baked` holds the options stored at export (fixed inside an NMS graph).
+    :attr:`baked` holds the options stored at export (fixed inside an NMS graph). fp16 and int8
+    exports (``export --precision``) run the same way: their inputs and outputs stay float32.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> None:
@@ -121,28 +107,7 @@ class OrtRunner:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        meta = read_onnx_metadata(self.path)
-        if "config" not in meta:
-            raise ValueError(f"{self.path}: not an atssdet ONNX export (no atssdet.config metadata)")
-        if meta.get("input_format") == "raw":
-            raise ValueError(
-                f"{self.path}: exported with --raw-input (one uint8 [H, W, 3] image in, resize inside); "
-                "run it with onnxruntime directly (docs/export.md), or export without --raw-input for "
-                "Detector / predict --weights"
-            )
-        self.metadata = meta
-        try:
-            self.cfg: ATSSConfig = ATSSConfig.from_json(meta["config"])
-            self.class_names: tuple[str, ...] = tuple(json.loads(meta["class_names"]))
-            self.with_nms = meta["outputs"] == "nms"
-            self.baked = InferenceOptions(
-                score_threshold=float(meta["score_threshold"]),
-                nms_threshold=float(meta["nms_threshold"]),
-                max_detections=int(meta["max_detections"]),
-                class_agnostic=bool(json.loads(meta["class_agnostic"])),
-            )
-        except (KeyError, TypeError, ValueError, RecursionError) as exc:
-            raise ModelFileError(f"{self.path}: invalid atssdet metadata ({_short(exc)})") from exc
+        self._read_metadata(read_onnx_metadata(self.path), "ONNX")
         self.providers = _providers(None if device is None else str(device), ort.get_available_providers())
         self.device = torch.device("cpu")
         try:
@@ -150,37 +115,16 @@ class OrtRunner:
         except Exception as exc:
             if not is_onnx_error(exc):
                 raise
-            raise ModelFileError(f"{self.path}: ONNX Runtime cannot load the graph ({_short(exc)})") from exc
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self._check_graph_names()
-
-    def _check_graph_names(self) -> None:
-        """The graph's inputs and outputs must be those ``atssdet export`` writes (else ModelFileError)."""
-        inputs = [i.name for i in self.session.get_inputs()]
-        want_out = NMS_OUTPUT_NAMES if self.with_nms else DENSE_OUTPUT_NAMES
-        if sorted(inputs) != sorted(INPUT_NAMES) or not set(want_out) <= set(self.output_names):
             raise ModelFileError(
-                f"{self.path}: the graph's inputs {inputs} / outputs {self.output_names} are not those of an "
-                f"atssdet export (inputs {list(INPUT_NAMES)}, outputs {list(want_out)})"
-            )
+                f"{self.path}: ONNX Runtime cannot load the graph ({short_error(exc)})"
+            ) from exc
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._check_names([i.name for i in self.session.get_inputs()])
 
     def signature(self) -> OnnxSignature:
         return onnx_signature(self.path)
 
-    def run(
-        self, images: Tensor | np.ndarray, image_hw: Tensor | np.ndarray, orig_hw: Tensor | np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Raw graph outputs by name (``scores``/``boxes`` or ``detections``/``num_detections``)."""
-        images_np = _to_numpy(images, np.float32)
-        if images_np.ndim != 4 or images_np.shape[1] != 3:
-            raise ValueError(f"images must be [N, 3, H, W] BGR, got shape {tuple(images_np.shape)}")
-        n = images_np.shape[0]
-        feeds = {"images": images_np}
-        for name, value in (("image_hw", image_hw), ("orig_hw", orig_hw)):
-            arr = _to_numpy(value, np.float32)
-            if arr.shape != (n, 2):
-                raise ValueError(f"{name} must be [{n}, 2] (height, width per image), got {tuple(arr.shape)}")
-            feeds[name] = arr
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             outs = self.session.run(self.output_names, feeds)
         except Exception as exc:
@@ -188,51 +132,6 @@ class OrtRunner:
                 raise
             shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
             raise ModelFileError(
-                f"{self.path}: the graph does not accept the inputs ({shapes}): {_short(exc)}"
+                f"{self.path}: the graph does not accept the inputs ({shapes}): {short_error(exc)}"
             ) from exc
         return dict(zip(self.output_names, outs, strict=True))
-
-    def dense(
-        self, images: Tensor | np.ndarray, image_hw: Tensor | np.ndarray, orig_hw: Tensor | np.ndarray
-    ) -> tuple[Tensor, Tensor]:
-        """Dense ``scores [N, A, C]`` and ``boxes [N, A, 4]`` (files exported without NMS only)."""
-        if self.with_nms:
-            raise ValueError(
-                f"{self.path}: exported with NMS; it has no dense scores/boxes outputs "
-                "(flip TTA needs an ONNX file exported without --with-nms)"
-            )
-        out = self.run(images, image_hw, orig_hw)
-        return torch.from_numpy(out["scores"]), torch.from_numpy(out["boxes"])
-
-    def detect(
-        self,
-        images: Tensor | np.ndarray,
-        image_hw: Tensor | np.ndarray,
-        orig_hw: Tensor | np.ndarray,
-        options: InferenceOptions,
-    ) -> list[Detections]:
-        """One :class:`Detections` (CPU tensors, labels int64) per image under ``options``.
-
-        A dense file runs :func:`~atssdet.postprocess.select_detections` on its outputs and accepts
-        any options; an NMS file accepts only :attr:`baked` (and no class filter), else ValueError.
-        """
-        if not self.with_nms:
-            return select_with_options(*self.dense(images, image_hw, orig_hw), options)
-        self._check_baked(options)
-        out = self.run(images, image_hw, orig_hw)
-        dets = torch.from_numpy(out["detections"])
-        nums = out["num_detections"].tolist()
-        return [
-            Detections(d[:k, :4], d[:k, 4], d[:k, 5].to(torch.int64)) for d, k in zip(dets, nums, strict=True)
-        ]
-
-    def _check_baked(self, options: InferenceOptions) -> None:
-        for name in ("score_threshold", "nms_threshold", "max_detections", "class_agnostic"):
-            want, baked = getattr(options, name), getattr(self.baked, name)
-            if want != baked:
-                raise ValueError(
-                    f"{self.path}: {name}={want!r} differs from the value baked into this NMS export "
-                    f"({baked!r}); re-export, or export without --with-nms"
-                )
-        if options.classes is not None:
-            raise ValueError(f"{self.path}: class filtering needs an export without --with-nms")
