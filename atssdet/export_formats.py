@@ -72,7 +72,7 @@ def check_request(
     suffix = {"onnx": ".onnx", "openvino": ".xml"}.get(fmt)
     if suffix is not None and Path(out).suffix != suffix:
         raise OptionError(
-            f"--out {out}: a {fmt} export is a {suffix} file (predict/eval choose the runtime by it)"
+            f"--out {out}: an {fmt} export is a {suffix} file (predict/eval choose the runtime by it)"
         )
     if precision == "int8" and calibration is None:
         raise OptionError("--precision int8 needs --calibration DIR (a folder of representative images)")

@@ -124,7 +124,7 @@ def test_bad_requests_name_the_input(tiny, tmp_path, capsys):
         export_model(model, tmp_path / "m.onnx", precision="int8")
     with pytest.raises(OptionError, match=r"precision 'int4': expected one of fp32, fp16, bf16, int8"):
         export_model(model, tmp_path / "m.onnx", precision="int4")
-    with pytest.raises(OptionError, match=r"--out .*m\.onnx: a openvino export is a \.xml file"):
+    with pytest.raises(OptionError, match=r"--out .*m\.onnx: an openvino export is a \.xml file"):
         export_model(model, tmp_path / "m.onnx", format="openvino")
     with pytest.raises(OptionError, match="--raw-input: only an fp32 ONNX export"):
         export_model(model, tmp_path / "m.onnx", precision="fp16", raw_input=True)

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     overwrite = getattr(args, "overwrite", False)
     fmt, precision = getattr(args, "format", "onnx"), getattr(args, "precision", "fp32")
     inputs = [args.weights] if args.weights else []
-    # Before the model loads: the request, then the outputs.
+    # Before the model loads: the outputs (never an input, nor a file export did not write), then the request.
+    OutputGuard(COMMAND, inputs=inputs, overwrite=overwrite).check(output_files(fmt, args.out))
     check_request(
         fmt,
         precision,
@@ -101,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
         raw_input=getattr(args, "raw_input", False),
         **given(args, "calibration_images", "keep_float"),
     )
-    OutputGuard(COMMAND, inputs=inputs, overwrite=overwrite).check(output_files(fmt, args.out))
     model = load(args.model, weights=args.weights, pretrained=args.weights is None)
     # Exported on CPU: the graph does not depend on the device it was traced on.
     example_hw = tuple(args.input_hw) if args.input_hw else ((213, 160) if args.dynamic else (800, 1333))
