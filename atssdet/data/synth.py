@@ -302,6 +302,16 @@ def render_image(
 # ------------------------------------------------------------------------------------------------
 
 
+def coco_annotations(objects: list[dict[str, Any]], *, image_id: int, first_id: int) -> list[dict[str, Any]]:
+    """COCO annotations (ids from ``first_id``, 1-based categories) of rendered ``objects``."""
+    out = []
+    for k, obj in enumerate(objects):
+        x1, y1, x2, y2 = obj["bbox_xyxy"]
+        out.append({"id": first_id + k, "image_id": image_id, "category_id": obj["label"] + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": obj["area"], "iscrowd": 0})  # fmt: skip
+    return out
+
+
 def _image_name(split: str, index: int, image_format: str) -> str:
     return f"{split}_{index + 1:06d}.{image_format}"
 
@@ -406,18 +416,7 @@ def generate_synthetic_dataset(
                 raise RuntimeError(f"cannot encode {name}")
             atomic_write_bytes(image_dir / name, encoded.tobytes(), mark=COMMAND)
             images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
-            for obj in objects:
-                x1, y1, x2, y2 = obj["bbox_xyxy"]
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": i + 1,
-                        "category_id": obj["label"] + 1,
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": obj["area"],
-                        "iscrowd": 0,
-                    }
-                )
+            annotations += coco_annotations(objects, image_id=i + 1, first_id=len(annotations) + 1)
         keep = {_image_name(split, i, image_format) for i in range(count)}
         for stale in image_dir.iterdir():  # leftovers of a larger earlier run (never the user's files)
             if re.fullmatch(rf"{split}_\d{{6}}\.(png|jpg)", stale.name) and stale.name not in keep:

@@ -28,6 +28,7 @@ from atssdet.data.synth import (
     _draw_clutter,
     _object_fill,
     _render_object,
+    coco_annotations,
 )
 from atssdet.fileio import atomic_write_bytes
 from atssdet.guard import OutputGuard
@@ -107,18 +108,7 @@ def generate_small_objects(
         assert ok
         atomic_write_bytes(image_dir / name, encoded.tobytes(), mark=COMMAND)
         images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
-        for obj in objects:
-            x1, y1, x2, y2 = obj["bbox_xyxy"]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": obj["label"] + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": obj["area"],
-                    "iscrowd": 0,
-                }
-            )
+        annotations += coco_annotations(objects, image_id=i + 1, first_id=len(annotations) + 1)
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)]
     coco = {
         "info": {"description": "atssdet small shapes in large images"},
