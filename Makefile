@@ -58,7 +58,7 @@ typecheck:
 	$(PY) -m mypy
 
 pytest:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # The README's example block, run twice in a row in a fresh clone (tools/readme_examples.py).
 readme-examples: setup

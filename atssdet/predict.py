@@ -359,10 +359,16 @@ def _unique_name(path: Path, used: set[str]) -> str:
     suffix = (
         path.suffix.lower() if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp") else ".jpg"
     )
-    name = path.stem + suffix
+    return unique_stem(path.stem, used, suffix)
+
+
+def unique_stem(stem: str, used: set[str], suffix: str = "") -> str:
+    """``stem + suffix``, else ``stem_2 + suffix``, ``stem_3 + suffix``...: the first not in ``used``
+    (added to it). How ``predict`` names outputs of inputs that share a name."""
+    name = stem + suffix
     n = 1
     while name in used:
         n += 1
-        name = f"{path.stem}_{n}{suffix}"
+        name = f"{stem}_{n}{suffix}"
     used.add(name)
     return name

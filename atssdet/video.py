@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from atssdet.detector import Detector
 from atssdet.fileio import atomic_path
 from atssdet.guard import OutputGuard
 from atssdet.options import InferenceOptions
-from atssdet.predict import COMMAND
+from atssdet.predict import COMMAND, unique_stem
 from atssdet.structures import Detections
 from atssdet.tracking import Tracker, check_tracker, draw_track_ids
 
@@ -53,6 +53,7 @@ def predict_video(
     overwrite: bool = False,
     track: str | None = None,
     tracker_options: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> VideoReport:
     """Detect objects in every frame of a video and write the results into ``out_dir``, atomically.
 
@@ -69,6 +70,9 @@ def predict_video(
     ``track`` (``"bytetrack"`` or ``"botsort"``, :mod:`atssdet.tracking`) follows objects across
     frames: each detection of the JSON lines gets a ``track_id`` (-1: not in a confirmed track) and
     the video shows ``#id`` in each tracked box; ``tracker_options`` go to the tracker.
+
+    ``name`` replaces ``<stem>`` in the output names (``predict`` gives ``clip_2`` to a second video
+    called ``clip``, so one video's results never replace another's).
     """
     from tqdm import tqdm
 
@@ -77,7 +81,7 @@ def predict_video(
         check_tracker(track)  # a bad name fails before the video is opened
     capture, fps, total = _open(source)
     threshold = visualize.DRAW_SCORE_THRESHOLD if draw_threshold is None else draw_threshold
-    video_out, jsonl_out = _output_paths(source, Path(out_dir))
+    video_out, jsonl_out = _output_paths(source, Path(out_dir), name)
     try:
         OutputGuard(COMMAND, inputs=[source], overwrite=overwrite).check(
             [jsonl_out, video_out] if draw else [jsonl_out]
@@ -136,14 +140,26 @@ def _drawn(result: Detections, threshold: float, ids: np.ndarray | None) -> np.n
 
 
 def plan_video(
-    path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, draw: bool = True
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    draw: bool = True,
+    name: str | None = None,
 ) -> list[Path]:
-    """The files :func:`predict_video` would write for ``path``; ValueError naming it if it cannot be opened."""
+    """The files :func:`predict_video` would write for ``path`` (and ``name``); ValueError naming it
+    if it cannot be opened."""
     source = Path(path)
     capture, _, _ = _open(source)
     capture.release()
-    video_out, jsonl_out = _output_paths(source, Path(out_dir))
+    video_out, jsonl_out = _output_paths(source, Path(out_dir), name)
     return [jsonl_out, video_out] if draw else [jsonl_out]
+
+
+def output_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The ``name`` of each video's outputs in one ``predict`` run: its stem, made unique
+    (``a/clip.mp4``, ``b/clip.mp4`` -> ``clip``, ``clip_2``)."""
+    used: set[str] = set()
+    return [unique_stem(Path(p).stem, used) for p in paths]
 
 
 def _open(source: Path) -> tuple[cv2.VideoCapture, float, int | None]:
@@ -165,12 +181,14 @@ def _frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
         yield frame
 
 
-def _output_paths(source: Path, out: Path) -> tuple[Path, Path]:
-    """``(<stem>.mp4, <stem>.detections.jsonl)`` in ``out``; never the source video itself."""
-    video_out = out / f"{source.stem}.mp4"
+def _output_paths(source: Path, out: Path, name: str | None = None) -> tuple[Path, Path]:
+    """``(<name>.mp4, <name>.detections.jsonl)`` in ``out`` (``name``: the source's stem unless
+    given); never the source video itself."""
+    stem = source.stem if name is None else name
+    video_out = out / f"{stem}.mp4"
     if video_out.resolve() == source.resolve():
-        video_out = out / f"{source.stem}.detections.mp4"
-    return video_out, out / f"{source.stem}.detections.jsonl"
+        video_out = out / f"{stem}.detections.mp4"
+    return video_out, out / f"{stem}.detections.jsonl"
 
 
 class _LazyVideoWriter:

@@ -25,10 +25,33 @@ SLOW_MODULES = frozenset(
 )  # fmt: skip
 
 
+def _module_name(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the slow modules, and run them first (stable: a module's tests stay together, in order),
+    so that with ``pytest -n N --dist loadfile`` (``make pytest``) the long files start at once and
+    the short ones fill in after them, instead of one long file running alone at the end."""
     for item in items:
-        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+        if _module_name(item) in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: _module_name(item) not in SLOW_MODULES)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each of the N workers gets cores / N intra-op threads (and so do the
+    processes its tests start, through OMP_NUM_THREADS): N processes with every core each would
+    oversubscribe the machine (OpenMP teams spinning; a 1 s test took 50 s at load 10). Modules
+    that need a given thread count set it themselves (test_criterion, ``one_torch_thread``)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 _SCRATCH = {

@@ -221,3 +221,20 @@ def test_predict_video_api_without_drawing_and_bad_video(r18_safetensors: Path, 
     assert (out / "flat.mp4").read_bytes() == b"an earlier drawn video"  # draw=False writes no video
     with pytest.raises(ValueError, match=r"missing\.mkv: cannot open as a video"):
         predict_video(tmp_path / "missing.mkv", detector=detector, out_dir=out, progress=False)
+
+
+def test_cli_videos_sharing_a_name_keep_both_results(r18_safetensors: Path, tmp_path: Path, capsys) -> None:
+    """Two videos called clip.avi from different folders: each gets its own outputs (clip, clip_2),
+    neither replaces the other's."""
+    for folder, frames in (("a", 2), ("b", 3)):
+        (tmp_path / folder).mkdir()
+        _write_video(
+            tmp_path / folder / "clip.avi", [np.full((64, 96, 3), 60 * i, np.uint8) for i in range(frames)]
+        )
+    out = tmp_path / "out"
+    code = main(["predict", str(tmp_path / "a" / "clip.avi"), str(tmp_path / "b" / "clip.avi"),
+                 "--weights", str(r18_safetensors), "--out", str(out), "--no-draw", *SIZE_ARGS])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["clip.detections.jsonl", "clip_2.detections.jsonl"]
+    assert len((out / "clip.detections.jsonl").read_text().splitlines()) == 2
+    assert len((out / "clip_2.detections.jsonl").read_text().splitlines()) == 3

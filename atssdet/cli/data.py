@@ -16,16 +16,18 @@ def add_parser(sub: SubParsers) -> None:
     _add_convert(data_sub)
 
 
-DATA_FORMATS = ("coco", "yolo", "voc", "cvat")  # atssdet.data.formats.FORMATS (not imported: --help is fast)
+# atssdet.data.formats.FORMATS (not imported: --help is fast; tests/test_formats_labelstudio.py compares)
+DATA_FORMATS = ("coco", "yolo", "voc", "cvat", "labelstudio")
 
 
 def add_data_format_flag(p: argparse.ArgumentParser, flag: str = "--data-format") -> None:
-    """``--data-format coco|yolo|voc|cvat`` (default: detected from the file name or folder layout)."""
+    """``--data-format coco|yolo|voc|cvat|labelstudio`` (default: detected from the file name or folder layout)."""
     p.add_argument(
         flag,
         dest="data_format",
         choices=DATA_FORMATS,
-        help="dataset format (default: detected: .json COCO, data.yaml YOLO, Annotations/ VOC, .xml CVAT)",
+        help="dataset format (default: detected: .json COCO, or Label Studio when it holds a task list; "
+        "data.yaml YOLO, Annotations/ VOC, .xml CVAT)",
     )
 
 
@@ -93,7 +95,7 @@ def _add_check(sub: SubParsers) -> None:
     p.add_argument(
         "ann_file",
         metavar="DATA",
-        help="COCO instances JSON, YOLO data.yaml (or its folder), VOC root, CVAT XML",
+        help="COCO instances JSON, YOLO data.yaml (or its folder), VOC root, CVAT XML, Label Studio JSON export",
     )
     p.add_argument(
         "--images",
@@ -144,12 +146,13 @@ def _run_check(args: argparse.Namespace) -> int:
 
 def _check_input(args: argparse.Namespace, max_examples: int) -> tuple[Any, str | None]:
     """(what check_dataset takes, image folder) of ``DATA``: a COCO JSON stays a path (``--images``
-    optional); a COCO root, YOLO, VOC or CVAT dataset is resolved to its split."""
+    optional); a COCO root, YOLO, VOC, CVAT or Label Studio dataset is resolved to its split."""
     from pathlib import Path
 
-    from atssdet.data.formats import resolve_split
+    from atssdet.data.formats import detect_format, resolve_split
 
-    if Path(args.ann_file).is_file() and Path(args.ann_file).suffix.lower() == ".json":
+    path, fmt = Path(args.ann_file), getattr(args, "data_format", None)
+    if path.is_file() and path.suffix.lower() == ".json" and (fmt or detect_format(path)) == "coco":
         return args.ann_file, args.images
     resolved = resolve_split(args.ann_file, data_format=getattr(args, "data_format", None), split=args.split,
                              images=args.images, max_examples=max_examples)  # fmt: skip
@@ -168,7 +171,9 @@ def _add_convert(sub: SubParsers) -> None:
         "Images are hard-linked (copied where links are impossible). See docs/data-formats.md.",
     )
     p.add_argument(
-        "src", metavar="SRC", help="dataset: COCO JSON or root, YOLO data.yaml or folder, VOC root, CVAT XML"
+        "src",
+        metavar="SRC",
+        help="dataset: COCO JSON or root, YOLO data.yaml or folder, VOC root, CVAT XML, Label Studio JSON",
     )
     add_data_format_flag(p, "--from")
     p.add_argument("--to", required=True, choices=("coco", "yolo", "voc"), help="output format")

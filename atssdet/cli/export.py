@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     )
     model = load(args.model, weights=args.weights, pretrained=args.weights is None)
     # Exported on CPU: the graph does not depend on the device it was traced on.
-    example_hw = tuple(args.input_hw) if args.input_hw else ((213, 160) if args.dynamic else (800, 1333))
+    example_hw = tuple(args.input_hw) if args.input_hw else None  # None: export.default_example_hw
     out = export_model(
         model,
         args.out,

@@ -226,24 +226,25 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.num_ok + report.recorded + done > 0 else 1
 
 
-def _check_outputs(args: argparse.Namespace, files: list[str], videos: list[str]) -> list[str]:
+def _check_outputs(args: argparse.Namespace, files: list[str], videos: list[str]) -> list[tuple[str, str]]:
     """Refuse (:class:`~atssdet.guard.OutputGuard`, one message for all) what this command must not
-    write, before any work; returns the videos that open (the others are reported and skipped)."""
+    write, before any work; returns ``(video, output name)`` for the videos that open (the others
+    are reported and skipped)."""
     from atssdet.distributed import env_world_size
     from atssdet.guard import OutputGuard
     from atssdet.predict import COMMAND, plan_outputs
-    from atssdet.video import plan_video
+    from atssdet.video import output_names, plan_video
 
     draw = getattr(args, "draw", True)
     outputs: list[Path] = []
-    readable: list[str] = []
-    for video in videos:
+    readable: list[tuple[str, str]] = []
+    for video, name in zip(videos, output_names(videos), strict=True):
         try:
-            outputs += plan_video(video, args.out, draw=draw)
+            outputs += plan_video(video, args.out, draw=draw, name=name)
         except ValueError as exc:
             print(f"atssdet predict: skipped {exc}", file=sys.stderr)
             continue
-        readable.append(video)
+        readable.append((video, name))
     images = [f for f in files if f not in set(videos)] if videos else args.paths
     plan = plan_outputs(
         images,
@@ -262,15 +263,15 @@ def _check_outputs(args: argparse.Namespace, files: list[str], videos: list[str]
     return readable
 
 
-def _predict_videos(videos: list[str], options: dict[str, Any]) -> int:
-    """:func:`atssdet.video.predict_video` on each video (``options``: its keyword arguments); bad
-    videos are reported and skipped. Returns how many worked."""
+def _predict_videos(videos: list[tuple[str, str]], options: dict[str, Any]) -> int:
+    """:func:`atssdet.video.predict_video` on each ``(video, output name)`` (``options``: its keyword
+    arguments); bad videos are reported and skipped. Returns how many worked."""
     from atssdet.video import predict_video
 
     done = 0
-    for video in videos:
+    for video, name in videos:
         try:
-            result = predict_video(video, **options)
+            result = predict_video(video, name=name, **options)
         except ValueError as exc:
             print(f"atssdet predict: skipped {exc}", file=sys.stderr)
             continue

@@ -1,7 +1,7 @@
-"""Datasets in YOLO, Pascal VOC and CVAT formats, read into the one COCO structure; conversions.
+"""Datasets in YOLO, Pascal VOC, CVAT and Label Studio formats, read into the one COCO structure; conversions.
 
 :func:`resolve_split` finds what ``--data`` names (a COCO JSON or root, a YOLO ``data.yaml`` or its
-folder, a VOC root, a CVAT XML: :func:`detect_format`), and returns the split as ``train``,
+folder, a VOC root, a CVAT XML, a Label Studio JSON export: :func:`detect_format`), and returns the split as ``train``,
 ``eval`` and ``data check`` take it: a COCO JSON path, or a :class:`ForeignDataset` (which is
 ``os.PathLike``: its ``os.fspath`` is the file it came from) whose :meth:`ForeignDataset.coco` is
 the split validated by the COCO schema. ``docs/data-formats.md`` lists the conventions.
@@ -24,15 +24,17 @@ class FormatError(ValueError):
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """``coco``, ``yolo``, ``voc`` or ``cvat`` from the file name / folder layout of ``path``."""
+    """``coco``, ``yolo``, ``voc``, ``cvat`` or ``labelstudio`` from the file name / folder layout of
+    ``path`` (a ``.json`` holding a list is a Label Studio export, an object COCO)."""
     from atssdet.data.formats.cvat import is_cvat_xml
+    from atssdet.data.formats.labelstudio import is_labelstudio_json
     from atssdet.data.formats.voc import is_voc_root
 
     p = Path(path)
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix == ".json":
-            return "coco"
+            return "labelstudio" if is_labelstudio_json(p) else "coco"
         if suffix in (".yaml", ".yml"):
             return "yolo"
         if suffix == ".xml":
@@ -65,8 +67,8 @@ class ResolvedSplit:
 
 def read_split(path: str | os.PathLike[str], data_format: str, split: str | None, *,
                images: str | os.PathLike[str] | None = None, max_examples: int = 5) -> ForeignDataset:  # fmt: skip
-    """Read split ``split`` of the YOLO / VOC / CVAT dataset at ``path``."""
-    from atssdet.data.formats import cvat, voc, yolo
+    """Read split ``split`` of the YOLO / VOC / CVAT / Label Studio dataset at ``path``."""
+    from atssdet.data.formats import cvat, labelstudio, voc, yolo
 
     if data_format == "yolo":
         ds = yolo.read_yolo(path, split or "train", max_examples=max_examples)
@@ -78,9 +80,11 @@ def read_split(path: str | os.PathLike[str], data_format: str, split: str | None
     elif data_format == "cvat":
         p = Path(path)
         ds = cvat.read_cvat(p / "annotations.xml" if p.is_dir() else p, images, max_examples=max_examples)
+    elif data_format == "labelstudio":
+        ds = labelstudio.read_labelstudio(path, images, max_examples=max_examples)
     else:
         raise FormatError(f"unknown data format {data_format!r}; expected one of {', '.join(FORMATS)}")
-    if images is not None and data_format != "cvat":
+    if images is not None and data_format not in ("cvat", "labelstudio"):
         ds = dataclasses.replace(ds, image_root=Path(images))
     return ds
 

@@ -1,6 +1,6 @@
 """What the format readers share: their problem kinds, the in-memory COCO they build, safe XML.
 
-Every reader (:mod:`.yolo`, :mod:`.voc`, :mod:`.cvat`) turns its files into one COCO ``instances``
+Every reader (:mod:`.yolo`, :mod:`.voc`, :mod:`.cvat`, :mod:`.labelstudio`) turns its files into one COCO ``instances``
 dict (:class:`CocoBuilder`) and a location per annotation (``labels/train/a.txt:3``,
 ``Annotations/a.xml: object[2]``); :meth:`ForeignDataset.coco` validates that dict with the one COCO
 schema (:func:`atssdet.data.coco_schema.validate_coco`), so ``train``, ``eval`` and ``data check`` see
@@ -21,7 +21,7 @@ import numpy as np
 from atssdet.data.coco_records import BoxStatus, CocoFile, Problem, ProblemLog, Severity, short
 from atssdet.data.coco_schema import validate_coco
 
-FORMATS = ("coco", "yolo", "voc", "cvat")
+FORMATS = ("coco", "yolo", "voc", "cvat", "labelstudio")
 
 # code -> (severity, description): problems only a reader of the format can see (file and line named).
 FORMAT_PROBLEMS: dict[str, tuple[Severity, str]] = {
@@ -35,6 +35,11 @@ FORMAT_PROBLEMS: dict[str, tuple[Severity, str]] = {
     "malformed_label": ("fatal", "label line malformed (needs 'class cx cy w h' of finite numbers)"),
     "class_out_of_range": ("fatal", "class id outside the class list"),
     "unknown_class": ("fatal", "class name not in the class list"),
+    "malformed_json": ("fatal", "JSON that does not parse, or not a list of Label Studio tasks"),
+    "malformed_task": (
+        "fatal",
+        "Label Studio task or result missing or malformed (e.g. a box value that is no number)",
+    ),
     "image_size_unknown": ("fatal", "image whose size cannot be read (missing file, or not an image)"),
     "orphan_label": ("warning", "label file without an image (ignored)"),
     "unsupported_shape": ("warning", "shape other than a box (polygon, points, ...; ignored)"),
@@ -82,10 +87,10 @@ class CocoBuilder:
 
 @dataclass
 class ForeignDataset:
-    """One split of a YOLO / VOC / CVAT dataset, read into a COCO dict (see the module doc)."""
+    """One split of a YOLO / VOC / CVAT / Label Studio dataset, read into a COCO dict (see the module doc)."""
 
     format: str
-    source: str  # the data.yaml, VOC root or CVAT XML the split was read from
+    source: str  # the data.yaml, VOC root, CVAT XML or Label Studio JSON the split was read from
     split: str | None
     image_root: Path  # COCO ``file_name`` is relative to it
     raw: dict[str, Any]
