@@ -20,7 +20,7 @@ SLOW_MODULES = frozenset(
         "test_export", "test_fuzz", "test_openvino", "test_parity", "test_predict_ray", "test_predict_stream",
         "test_predict_torchrun", "test_serve", "test_serve_browser", "test_train", "test_train_crash",
         "test_train_distributed", "test_train_ownership", "test_formats", "test_loggers", "test_report_page",
-        "test_slicing_cli",
+        "test_slicing_cli", "test_formats_labelstudio",
     }
 )  # fmt: skip
 

@@ -89,6 +89,13 @@ def test_json_min_and_rotated_boxes(tmp_path):
     assert math.isclose(ann["area"], 300, rel_tol=1e-9)
 
 
+def test_only_a_list_of_tasks_is_label_studio(tmp_path):
+    for text, fmt in (('[{"id": 1, "data": {"image": "a.png"}}]', "labelstudio"), ('  [{"image": "a.png"}]', "labelstudio"),
+                      ("[1, 2]", "coco"), ("[]", "coco"), ('{"images": []}', "coco")):  # fmt: skip
+        (tmp_path / "x.json").write_text(text)
+        assert detect_format(tmp_path / "x.json") == fmt, text
+
+
 def test_cli_lists_every_format():
     from atssdet.cli.data import DATA_FORMATS
     from atssdet.data.formats import FORMATS
@@ -149,5 +156,8 @@ def test_train_on_a_label_studio_export_and_convert_it(tmp_path, capsys):
     labels = sorted((tmp_path / "yolo" / "labels").rglob("*.txt"))
     assert [p.name for p in labels] == ["a.txt", "b.txt"]
     code = main(["train", "--data", str(export), "--out", str(tmp_path / "run"), "--max-iters", "1", "--device", "cpu",
-                 "--no-progress", "--set", "backbone=resnet18"])  # fmt: skip
+                 "--no-progress", "--set", "backbone=resnet18", "--set", "train_image_short_size=[64]",
+                 "--set", "train_image_max_size=64", "--set", "test_image_short_size=64",
+                 "--set", "test_image_max_size=64"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "model_final.safetensors").is_file()

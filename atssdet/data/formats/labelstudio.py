@@ -40,15 +40,17 @@ Box = tuple[str, tuple[float, float, float, float], str]
 
 
 def is_labelstudio_json(path: Path) -> bool:
-    """A ``.json`` file whose first non-blank character is ``[`` (a task list; COCO is an object)."""
+    """A ``.json`` file that opens as a list of objects (``[{``) naming a task's ``"data"`` or
+    ``"image"`` in its first 4 KiB. COCO is an object; any other JSON stays COCO's, whose checks
+    then say what is wrong with it."""
     if not (path.is_file() and path.suffix.lower() == ".json"):
         return False
     try:
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096)
     except OSError:
         return False
-    return head[:1] == b"["
+    return re.match(rb"\s*\[\s*\{", head) is not None and (b'"data"' in head or b'"image"' in head)
 
 
 def default_image_root(json_path: Path) -> Path:
