@@ -155,6 +155,15 @@ def parse_number(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def image_root(annotation_file: Path, images: str | os.PathLike[str] | None) -> Path:
+    """The image folder of a one-file dataset (CVAT XML, Label Studio JSON): ``images`` when given,
+    else ``images/`` beside the file when it exists, else the file's folder."""
+    if images is not None:
+        return Path(images)
+    beside = annotation_file.parent / "images"
+    return beside if beside.is_dir() else annotation_file.parent
+
+
 def relative_name(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` with forward slashes (absolute when it lies elsewhere)."""
     try:

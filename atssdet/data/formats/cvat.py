@@ -25,6 +25,7 @@ from atssdet.data.formats.common import (
     CocoBuilder,
     ForeignDataset,
     finish,
+    image_root,
     iter_xml,
     new_log,
     parse_number,
@@ -44,11 +45,6 @@ def is_cvat_xml(path: Path) -> bool:
     except OSError:
         return False
     return "<annotations" in head
-
-
-def default_image_root(xml_path: Path) -> Path:
-    images = xml_path.parent / "images"
-    return images if images.is_dir() else xml_path.parent
 
 
 def read_cvat(path: str | os.PathLike[str], images: str | os.PathLike[str] | None = None, *,
@@ -81,7 +77,7 @@ def read_cvat(path: str | os.PathLike[str], images: str | os.PathLike[str] | Non
                 )
                 continue
             builder.add_box(image_id, index[label], xywh, where, crowd=difficult)
-    root = Path(images) if images is not None else default_image_root(path)
+    root = image_root(path, images)
     return finish(log, builder, fmt="cvat", source=str(path), split=None, image_root=root)
 
 

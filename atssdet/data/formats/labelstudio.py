@@ -32,7 +32,15 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from atssdet.data.coco_records import ProblemLog
-from atssdet.data.formats.common import CocoBuilder, ForeignDataset, finish, image_hw, new_log, short
+from atssdet.data.formats.common import (
+    CocoBuilder,
+    ForeignDataset,
+    finish,
+    image_hw,
+    image_root,
+    new_log,
+    short,
+)
 
 _NOT_BOXES = {"polygonlabels", "keypointlabels", "brushlabels", "ellipselabels", "polygon", "keypoint"}
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
@@ -53,16 +61,11 @@ def is_labelstudio_json(path: Path) -> bool:
     return re.match(rb"\s*\[\s*\{", head) is not None and (b'"data"' in head or b'"image"' in head)
 
 
-def default_image_root(json_path: Path) -> Path:
-    images = json_path.parent / "images"
-    return images if images.is_dir() else json_path.parent
-
-
 def read_labelstudio(path: str | os.PathLike[str], images: str | os.PathLike[str] | None = None, *,
                      max_examples: int = 5) -> ForeignDataset:  # fmt: skip
     """The Label Studio export ``path`` as one split (its images under ``images``)."""
     path = Path(path)
-    root = Path(images) if images is not None else default_image_root(path)
+    root = image_root(path, images)
     log = new_log(str(path), max_examples)
     entries: list[tuple[str, int, int, list[Box]]] = []
     tasks = _load(path, log)
