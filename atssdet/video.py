@@ -184,6 +184,8 @@ def _frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
 def _output_paths(source: Path, out: Path, name: str | None = None) -> tuple[Path, Path]:
     """``(<name>.mp4, <name>.detections.jsonl)`` in ``out`` (``name``: the source's stem unless
     given); never the source video itself."""
+    if name is not None and (not name or name in (".", "..") or Path(name).name != name or "\\" in name):
+        raise ValueError(f"name {name!r}: a file name without folders is needed (the outputs go into {out})")
     stem = source.stem if name is None else name
     video_out = out / f"{stem}.mp4"
     if video_out.resolve() == source.resolve():

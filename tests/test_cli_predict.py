@@ -221,6 +221,9 @@ def test_predict_video_api_without_drawing_and_bad_video(r18_safetensors: Path, 
     assert (out / "flat.mp4").read_bytes() == b"an earlier drawn video"  # draw=False writes no video
     with pytest.raises(ValueError, match=r"missing\.mkv: cannot open as a video"):
         predict_video(tmp_path / "missing.mkv", detector=detector, out_dir=out, progress=False)
+    with pytest.raises(ValueError, match=r"name '\.\./up': a file name without folders"):
+        predict_video(video, detector=detector, out_dir=out, progress=False, name="../up")
+    assert not (tmp_path / "up.detections.jsonl").exists()
 
 
 def test_cli_videos_sharing_a_name_keep_both_results(r18_safetensors: Path, tmp_path: Path, capsys) -> None:
