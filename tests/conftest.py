@@ -36,7 +36,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _module_name(item) in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: _module_name(item) not in SLOW_MODULES)
+    slow = {_module_name(item) for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: _module_name(item) not in slow)  # also the modules marking their own
 
 
 def pytest_configure(config: pytest.Config) -> None:
