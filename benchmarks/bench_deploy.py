@@ -43,7 +43,7 @@ from atssdet.export_formats import export_model  # noqa: E402
 from atssdet.loader import load  # noqa: E402
 from atssdet.modeling.atss import build_model  # noqa: E402
 from atssdet.options import InferenceOptions  # noqa: E402
-from atssdet.postprocess import select_detections  # noqa: E402
+from atssdet.postprocess import dense_scores_and_boxes, select_detections  # noqa: E402
 from atssdet.zoo import get_entry  # noqa: E402
 from benchmarks.common import interleaved_medians, machine_line  # noqa: E402
 
@@ -153,7 +153,8 @@ def _calibrate_candidates(model, image: torch.Tensor, threshold: float, count: i
         low, high = torch.sort(need.flatten().double()).values[count - 1 : count + 1].tolist()
         model.head.cls_score.bias += (low + high) / 2
         out = model(image)
-        scores = torch.sqrt(torch.sigmoid(out.cls_logits) * torch.sigmoid(out.ctr_logits)[..., None])
+        hw = torch.tensor([image.shape[-2:]], dtype=torch.float32)
+        scores, _ = dense_scores_and_boxes(out, hw, hw)
     return int((scores > threshold).sum()), int(out.points.shape[0])
 
 

@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from atssdet.data.coco_records import ProblemLog
 from atssdet.data.formats.common import (
+    IMAGE_SUFFIXES,
     CocoBuilder,
     ForeignDataset,
     finish,
@@ -202,15 +203,7 @@ def image_name(url: str, root: Path) -> str:
 
 
 def _looks_like_image(text: str) -> bool:
-    return PurePosixPath(urlparse(text).path).suffix.lower() in {
-        ".jpg",
-        ".jpeg",
-        ".png",
-        ".bmp",
-        ".webp",
-        ".tif",
-        ".tiff",
-    }
+    return PurePosixPath(urlparse(text).path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _numbers(mapping: dict[str, Any], keys: tuple[str, ...]) -> list[float] | None:
