@@ -25,7 +25,8 @@ class FormatError(ValueError):
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """``coco``, ``yolo``, ``voc``, ``cvat`` or ``labelstudio`` from the file name / folder layout of
-    ``path`` (a ``.json`` holding a list is a Label Studio export, an object COCO)."""
+    ``path`` (a ``.json`` holding a list of task objects is a Label Studio export, any other COCO's:
+    :func:`~atssdet.data.formats.labelstudio.is_labelstudio_json`)."""
     from atssdet.data.formats.cvat import is_cvat_xml
     from atssdet.data.formats.labelstudio import is_labelstudio_json
     from atssdet.data.formats.voc import is_voc_root
